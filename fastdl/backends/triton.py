@@ -1,0 +1,105 @@
+"""Triton launchers: allocate outputs, pick constexprs, launch. Inputs were validated upstream."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # torch >= 2.6: lets torch.compile see through the launch (torch.library.triton_op).
+    from torch.library import wrap_triton as _wrap
+except ImportError:  # pragma: no cover - older torch
+    def _wrap(kernel):
+        return kernel
+
+from fastdl.kernels.triton import linear as _k
+
+_ACC_DTYPE = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # TF32 follows torch's own switch, so fastdl matches F.linear's numerics on Ampere+.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def saved_dtype(activation_code: int, dtype: torch.dtype) -> torch.dtype | None:
+    kind = _k.SAVE_KIND[activation_code]
+    return {_k.SAVE_NONE: None, _k.SAVE_MASK: torch.uint8, _k.SAVE_PREACT: dtype}[kind]
+
+
+def linear_fwd(input, weight, bias, activation, negative_slope):
+    """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
+    M, K = input.shape
+    N = weight.shape[0]
+    code = _k.ACTIVATION_CODES[activation]
+    out = torch.empty((M, N), device=input.device, dtype=input.dtype)
+    sdt = saved_dtype(code, input.dtype)
+    saved = (torch.empty((M, N), device=input.device, dtype=sdt) if sdt is not None
+             else torch.empty((0, 0), device=input.device, dtype=input.dtype))
+    if M == 0 or N == 0:
+        return out, saved
+    s_strides = saved.stride() if sdt is not None else (0, 0)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _wrap(_k._linear_fwd)[grid](
+        input, weight, bias if bias is not None else out, out, saved,
+        M, N, K,
+        input.stride(0), input.stride(1), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        out.stride(0), out.stride(1), s_strides[0], s_strides[1],
+        float(negative_slope),
+        HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=_k.SAVE_KIND[code],
+        ACC_DTYPE=_ACC_DTYPE[input.dtype], INPUT_PRECISION=_input_precision(input.dtype),
+    )
+    return out, saved
+
+
+def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_slope,
+               needs_input_grad, needs_weight_grad, needs_bias_grad):
+    """Gradients of linear_fwd; `saved` is linear_fwd's second output (or `out` for sigmoid/tanh)."""
+    M, K = input.shape
+    N = weight.shape[0]
+    code = _k.ACTIVATION_CODES[activation]
+    if _k.SAVE_KIND[code] == _k.SAVE_NONE and code != 0:
+        saved = out  # sigmoid and tanh differentiate through their output
+    s = saved if code != 0 else grad_out  # any (M, N) tensor; not read when there is no activation
+    acc_dtype = _ACC_DTYPE[input.dtype]
+    precision = _input_precision(input.dtype)
+    grad_input = grad_weight = grad_bias = None
+    if needs_input_grad:
+        grad_input = torch.empty((M, K), device=input.device, dtype=input.dtype)
+        if M > 0 and K > 0:
+            if N == 0:
+                grad_input.zero_()
+            else:
+                grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+                _wrap(_k._linear_bwd_input)[grid](
+                    grad_out, s, weight, grad_input, M, N, K,
+                    grad_out.stride(0), grad_out.stride(1), s.stride(0), s.stride(1),
+                    weight.stride(0), weight.stride(1), grad_input.stride(0), grad_input.stride(1),
+                    float(negative_slope),
+                    ACTIVATION=code, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+                )
+    if needs_weight_grad or needs_bias_grad:
+        grad_weight = torch.empty((N, K), device=input.device, dtype=weight.dtype)
+        grad_bias = torch.empty((N,), device=input.device, dtype=weight.dtype) if needs_bias_grad else None
+        if M == 0:
+            grad_weight.zero_()
+            if grad_bias is not None:
+                grad_bias.zero_()
+        elif N > 0:
+            # At least one k-block so the bias column runs even when K == 0.
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])),)
+            _wrap(_k._linear_bwd_weight)[grid](
+                grad_out, s, input, grad_weight, grad_bias if grad_bias is not None else grad_weight,
+                M, N, K,
+                grad_out.stride(0), grad_out.stride(1), s.stride(0), s.stride(1),
+                input.stride(0), input.stride(1), grad_weight.stride(0), grad_weight.stride(1),
+                float(negative_slope),
+                HAS_BIAS=needs_bias_grad, ACTIVATION=code, ACC_DTYPE=acc_dtype,
+                INPUT_PRECISION=precision,
+            )
+        if not needs_weight_grad:
+            grad_weight = None
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,31 @@
+"""Drop-in modules: torch.nn's constructors, parameters, initialization and state_dict keys.
+
+Each subclasses its torch.nn counterpart, so `isinstance(m, torch.nn.Linear)` holds, state_dicts
+load both ways, and initialization is torch's own; only forward runs fastdl's kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdl import functional as _F
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear with an optional fused activation (`activation=`, `negative_slope=`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 activation: str | None = None, negative_slope: float = 0.01):
+        _F.check_activation("nn.Linear", activation)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _F.linear(input, self.weight, self.bias, activation=self.activation,
+                         negative_slope=self.negative_slope)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        return super().extra_repr() + extra

@@ -1,0 +1,2 @@
+"""torch.library custom ops, one module per op family. Importing this package registers them."""
+from . import linear  # noqa: F401

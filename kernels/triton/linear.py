@@ -1,0 +1,243 @@
+"""Dense layer with a fused activation: forward and backward Triton kernels.
+
+Forward:  out = act(x @ w.T + b). The bias add and the activation are an epilogue on the fp32
+(fp64 for fp64) accumulator, so the pre-activation never makes a round trip through memory.
+What backward needs is written in the same epilogue (SAVE):
+  - relu / leaky_relu: a uint8 mask, 1 byte per element instead of the 2-4 byte pre-activation;
+  - gelu / gelu_tanh / silu: the pre-activation (their derivative needs it);
+  - sigmoid / tanh / none: nothing; the derivative is a function of `out`, which autograd keeps.
+
+Backward, with g = grad_out * act'(.) computed in the prologue of each operand load, never stored:
+  grad_input  = g @ w          (_linear_bwd_input, tiles over (M, K), loop over N)
+  grad_weight = g.T @ x        (_linear_bwd_weight, tiles over (N, K), loop over M)
+  grad_bias   = g.sum(0)       (the k == 0 column of _linear_bwd_weight programs, loop over M)
+Every program owns its outputs (no atomics), so results are deterministic and autotuning is safe.
+
+Pointer offsets are int64: any of these tensors may pass 2**31 elements.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+# Activation codes shared with the launcher (fastdl.backends.triton) and the CUDA source.
+ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4,
+                    "silu": 5, "sigmoid": 6, "tanh": 7}
+# What the forward saves for backward, per activation code.
+SAVE_NONE, SAVE_MASK, SAVE_PREACT = 0, 1, 2
+SAVE_KIND = {0: SAVE_NONE, 1: SAVE_MASK, 2: SAVE_MASK, 3: SAVE_PREACT, 4: SAVE_PREACT,
+             5: SAVE_PREACT, 6: SAVE_NONE, 7: SAVE_NONE}
+
+
+def first_config_only() -> bool:
+    """Under the interpreter every trial config would run the whole kernel on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("FASTDL_AUTOTUNE", "1") == "0"
+
+
+def matmul_configs(reduction_block: str = "BLOCK_K"):
+    """Tile shapes for the three matmuls; the first is the one kept when autotuning is off."""
+    shapes = [
+        # (BLOCK_M|N, BLOCK_N|K, reduction block, warps, stages)
+        (64, 64, 32, 4, 3),
+        (128, 128, 32, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+    if first_config_only():
+        shapes = shapes[:1]
+    outer = {"BLOCK_K": ("BLOCK_M", "BLOCK_N"), "BLOCK_N": ("BLOCK_M", "BLOCK_K"),
+             "BLOCK_M": ("BLOCK_N", "BLOCK_K")}[reduction_block]
+    return [
+        triton.Config({outer[0]: a, outer[1]: b, reduction_block: r, "GROUP": 8},
+                      num_warps=warps, num_stages=stages)
+        for a, b, r, warps, stages in shapes
+    ]
+
+
+@triton.jit
+def _tanh(z):
+    # tanh through exp of a non-positive argument: no overflow, and it runs under the interpreter.
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _activation(z, negative_slope, ACTIVATION: tl.constexpr):
+    y = z
+    if ACTIVATION == 1:
+        y = tl.where(z > 0, z, 0.0)
+    elif ACTIVATION == 2:
+        y = tl.where(z > 0, z, z * negative_slope)
+    elif ACTIVATION == 3:
+        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 4:
+        y = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACTIVATION == 5:
+        y = z * tl.sigmoid(z)
+    elif ACTIVATION == 6:
+        y = tl.sigmoid(z)
+    elif ACTIVATION == 7:
+        y = _tanh(z)
+    return y
+
+
+@triton.jit
+def _activation_grad(grad, saved, negative_slope, ACTIVATION: tl.constexpr):
+    """grad * act'(.); `saved` is the mask (relu, leaky), pre-activation (gelu*, silu) or output."""
+    g = grad
+    if ACTIVATION == 1:
+        g = tl.where(saved != 0, grad, 0.0)
+    elif ACTIVATION == 2:
+        g = tl.where(saved != 0, grad, grad * negative_slope)
+    elif ACTIVATION == 3:
+        cdf = 0.5 * (1.0 + tl.erf(saved * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * saved * saved) * 0.3989422804014327
+        g = grad * (cdf + saved * pdf)
+    elif ACTIVATION == 4:
+        t = _tanh(0.7978845608028654 * (saved + 0.044715 * saved * saved * saved))
+        d_inner = 0.7978845608028654 * (1.0 + 0.134145 * saved * saved)
+        g = grad * (0.5 * (1.0 + t) + 0.5 * saved * (1.0 - t * t) * d_inner)
+    elif ACTIVATION == 5:
+        s = tl.sigmoid(saved)
+        g = grad * (s * (1.0 + saved * (1.0 - s)))
+    elif ACTIVATION == 6:
+        g = grad * saved * (1.0 - saved)
+    elif ACTIVATION == 7:
+        g = grad * (1.0 - saved * saved)
+    return g
+
+
+@triton.jit
+def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    # Walk GROUP row-blocks per column sweep so operand tiles are reused from L2.
+    width = GROUP * num_cols
+    group_id = pid // width
+    first_row = group_id * GROUP
+    group_rows = tl.minimum(num_rows - first_row, GROUP)
+    row = first_row + (pid % width) % group_rows
+    col = (pid % width) // group_rows
+    return row, col
+
+
+@triton.autotune(configs=matmul_configs("BLOCK_K"), key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"])
+@triton.jit
+def _linear_fwd(
+    x_ptr, w_ptr, bias_ptr, out_ptr, saved_ptr,  # x (M, K), w (N, K), bias (N,), out/saved (M, N)
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
+    stride_om, stride_on, stride_sm, stride_sn,
+    negative_slope,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    out = _activation(acc, negative_slope, ACTIVATION)
+    tile_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    if SAVE == 1:
+        tl.store(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                 (acc > 0).to(tl.uint8), mask=tile_mask)
+    elif SAVE == 2:
+        tl.store(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                 acc.to(saved_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.autotune(configs=matmul_configs("BLOCK_N"), key=["M", "N", "K", "ACTIVATION"])
+@triton.jit
+def _linear_bwd_input(
+    grad_out_ptr, saved_ptr, w_ptr, grad_input_ptr,  # grad_out/saved (M, N), w (N, K), grad_input (M, K)
+    M, N, K,
+    stride_gm, stride_gn, stride_sm, stride_sn, stride_wn, stride_wk, stride_im, stride_ik,
+    negative_slope,
+    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    g_ptrs = grad_out_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    s_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        n_left = N - n * BLOCK_N
+        g_mask = (offs_m[:, None] < M) & (offs_n[None, :] < n_left)
+        grad = tl.load(g_ptrs, mask=g_mask, other=0.0)
+        if ACTIVATION != 0:
+            saved = tl.load(s_ptrs, mask=g_mask, other=0)
+            grad = _activation_grad(grad.to(ACC_DTYPE), saved.to(ACC_DTYPE), negative_slope, ACTIVATION)
+        w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & (offs_k[None, :] < K), other=0.0)
+        acc = tl.dot(grad.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+        g_ptrs += BLOCK_N * stride_gn
+        s_ptrs += BLOCK_N * stride_sn
+        w_ptrs += BLOCK_N * stride_wn
+    tl.store(grad_input_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik,
+             acc.to(grad_input_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.autotune(configs=matmul_configs("BLOCK_M"), key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"])
+@triton.jit
+def _linear_bwd_weight(
+    grad_out_ptr, saved_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out/saved (M, N), x (M, K)
+    M, N, K,
+    stride_gm, stride_gn, stride_sm, stride_sn, stride_xm, stride_xk, stride_wn, stride_wk,
+    negative_slope,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    # g is read transposed, (BLOCK_N, BLOCK_M), so the dot is g.T @ x with no shuffle.
+    g_ptrs = grad_out_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm
+    s_ptrs = saved_ptr + offs_n[:, None] * stride_sn + offs_m[None, :] * stride_sm
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m in range(0, tl.cdiv(M, BLOCK_M)):
+        m_left = M - m * BLOCK_M
+        g_mask = (offs_n[:, None] < N) & (offs_m[None, :] < m_left)
+        grad = tl.load(g_ptrs, mask=g_mask, other=0.0).to(ACC_DTYPE)
+        if ACTIVATION != 0:
+            saved = tl.load(s_ptrs, mask=g_mask, other=0)
+            grad = _activation_grad(grad, saved.to(ACC_DTYPE), negative_slope, ACTIVATION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(grad, axis=1)
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & (offs_k[None, :] < K), other=0.0)
+        acc = tl.dot(grad.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+        g_ptrs += BLOCK_M * stride_gm
+        s_ptrs += BLOCK_M * stride_sm
+        x_ptrs += BLOCK_M * stride_xm
+    tl.store(grad_weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+             acc.to(grad_weight_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+    if HAS_BIAS:
+        if pid_k == 0:
+            tl.store(grad_bias_ptr + offs_n, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=offs_n < N)
