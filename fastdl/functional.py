@@ -5,6 +5,8 @@ written, with the exception type torch raises for the same mistake. Backends tru
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,6 +68,9 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
                            f"{_shape(input)} and weight {_shape(weight)}")
     if weight.dim() > 2:
         raise RuntimeError(f"fastdl.linear: weight must be 1-D or 2-D, got {_shape(weight)}")
+    if weight.dim() == 1 and bias is not None and input.dim() > 1:
+        raise RuntimeError(f"fastdl.linear: a 1-D weight ({_shape(weight)}) takes a bias only with a 1-D input, "
+                           f"got input {_shape(input)} and bias {_shape(bias)}")
     devices = {t.device for t in (input, weight, bias) if t is not None}
     if len(devices) > 1:
         raise RuntimeError(f"fastdl.linear: expected all tensors to be on the same device, got "
@@ -102,7 +107,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
             row_bias = bias.reshape(out_features)
     backend = backends.resolve(input.device)
     op = _LINEAR_OPS[backend]
-    input_2d = input.reshape(-1, in_features)
+    input_2d = input.reshape(math.prod(input.shape[:-1]), in_features)
     if bias is not None and row_bias is None:
         # A bias that differs between rows cannot ride in the epilogue; add it unfused.
         z, _ = op(input_2d, weight_2d, None, "none", 0.0)
