@@ -5,9 +5,19 @@
     y = fastdl.functional.linear(x, w, b, activation="gelu")
     with fastdl.use_backend("cupy"): ...
 """
-from fastdl import ops  # noqa: F401  (registers torch.ops.fastdl.*)
-from fastdl import functional, nn
-from fastdl.backends import available_backends, use_backend
+import os as _os
+import sys as _sys
+
+import torch as _torch
+
+# Without a CUDA device Triton can only run through its interpreter, which it reads once, at its
+# first import (and torch.library imports it). Turn it on before that, unless the caller chose.
+if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
+    _os.environ["TRITON_INTERPRET"] = "1"
+
+from fastdl import ops  # noqa: E402,F401  (registers torch.ops.fastdl.*)
+from fastdl import functional, nn  # noqa: E402
+from fastdl.backends import available_backends, use_backend  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "use_backend", "available_backends", "__version__"]

@@ -2,16 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-
-def _prepare_triton() -> None:
-    # Triton reads TRITON_INTERPRET when first imported: without CUDA, run its kernels interpreted.
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +17,6 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--ops", nargs="*", help="only these ops (default: all)")
     bench.add_argument("--quick", action="store_true", help="a few shapes only")
     args = parser.parse_args(argv)
-    _prepare_triton()
     if args.command == "verify":
         from fastdl import verify as _verify
 

@@ -1,0 +1,181 @@
+"""`fastdl verify`: every op, every available backend and dtype, forward and backward, against the
+float64 reference; one table row per (op, backend, dtype, shape, quantity).
+
+Each op registers a check with `@check("op")`: a generator taking (backend, dtype, device) and
+yielding rows made by `compare_row`. Without CUDA, the Triton kernels run through Triton's
+interpreter (bf16 is reported as not checked there: the interpreter computes it wrongly) and the
+CUDA sources are compiled with NVRTC instead of run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+import fastdl
+from fastdl import testing
+
+CHECKS = {}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def check(op: str):
+    def register(fn):
+        CHECKS[op] = fn
+        return fn
+    return register
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def compare_row(op, backend, dtype, shape, quantity, actual, expected, tf32=False) -> dict:
+    result = testing.compare(actual, expected, dtype, tf32, quantity)
+    return dict(op=op, backend=backend, dtype=dtype_name(dtype) + ("/tf32" if tf32 else ""), shape=shape,
+                check=quantity, max_abs=result["max_abs"], max_rel=result["max_rel"],
+                status="pass" if result["ok"] else "FAIL")
+
+
+def note_row(op, backend, dtype, shape, quantity, status, detail="") -> dict:
+    return dict(op=op, backend=backend, dtype=dtype, shape=shape, check=quantity, max_abs=None, max_rel=None,
+                status=status, detail=detail)
+
+
+def _np(t):
+    return None if t is None else t.detach().cpu().double().numpy()
+
+
+@check("linear")
+def _check_linear(backend, dtype, device):
+    from fastdl.reference import linear as ref
+
+    shapes = [(37, 29, 23), (130, 100, 65)]
+    if device == "cuda":
+        shapes += [(4096, 784, 256), (2048, 2048, 2048)]
+    tf32 = dtype == torch.float32 and device == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    for M, K, N in shapes:
+        for activation in ("relu", "gelu_tanh"):
+            x = testing.make_tensor((M, K), dtype, device, seed=1, requires_grad=True)
+            w = testing.make_tensor((N, K), dtype, device, seed=2, scale=K ** -0.5, requires_grad=True)
+            b = testing.make_tensor((N,), dtype, device, seed=3, requires_grad=True)
+            g = testing.make_tensor((M, N), dtype, device, seed=4)
+            with fastdl.use_backend(backend):
+                out = fastdl.functional.linear(x, w, b, activation=activation)
+                out.backward(g)
+            expected, saved = ref.forward(_np(x), _np(w), _np(b), activation, 0.01)
+            grads = ref.backward(_np(g), saved)
+            shape = f"{M}x{K}->{N} {activation}"
+            yield compare_row("linear", backend, dtype, shape, "out", out, expected, tf32)
+            for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad), grads):
+                yield compare_row("linear", backend, dtype, shape, name, got, want, tf32)
+
+
+def _reference_vs_torch():
+    """The oracle itself, against torch autograd in float64."""
+    from fastdl.functional import _TORCH_ACTIVATIONS
+    from fastdl.reference import linear as ref
+
+    x = testing.make_tensor((37, 29), torch.float64, seed=1, requires_grad=True)
+    w = testing.make_tensor((23, 29), torch.float64, seed=2, requires_grad=True)
+    b = testing.make_tensor((23,), torch.float64, seed=3, requires_grad=True)
+    g = testing.make_tensor((37, 23), torch.float64, seed=4)
+    for activation in fastdl.functional.ACTIVATIONS:
+        for t in (x, w, b):
+            t.grad = None
+        out = _TORCH_ACTIVATIONS[activation](torch.nn.functional.linear(x, w, b), 0.01)
+        out.backward(g)
+        expected, saved = ref.forward(_np(x), _np(w), _np(b), activation, 0.01)
+        grads = ref.backward(_np(g), saved)
+        shape = f"37x29->23 {activation}"
+        yield compare_row("linear", "reference~torch", torch.float64, shape, "out", out, expected)
+        for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad), grads):
+            yield compare_row("linear", "reference~torch", torch.float64, shape, name, got, want)
+
+
+def _nvrtc_rows():
+    try:
+        from fastdl import nvrtc
+    except ImportError as exc:  # pragma: no cover - helper module missing
+        yield note_row("*", "cupy", "-", "-", "nvrtc compile", "not checked", str(exc))
+        return
+    try:
+        sources = nvrtc.cuda_sources()
+    except Exception as exc:  # cuda-bindings missing: say so instead of failing
+        yield note_row("*", "cupy", "-", "-", "nvrtc compile", "not checked", str(exc))
+        return
+    for source in sources:
+        for arch in ("sm_80", "sm_90"):
+            try:
+                ok, log = nvrtc.compile_source(source, arch)
+            except Exception as exc:
+                ok, log = False, str(exc)
+            op = getattr(source, "stem", str(source).rsplit("/", 1)[-1].split(".")[0])
+            yield note_row(op, "cupy", "-", arch, "nvrtc compile", "pass" if ok else "FAIL",
+                           "" if ok else log[-2000:])
+
+
+def collect(ops=None, backends=None):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    available = fastdl.available_backends()
+    wanted = backends or ["triton", "cupy", "reference"]
+    rows = []
+    if "reference" in wanted:
+        rows += list(_reference_vs_torch())
+    for backend in wanted:
+        if backend == "reference":
+            continue  # the oracle itself: checked against torch above
+        if backend == "cupy" and device == "cpu":
+            rows += list(_nvrtc_rows())
+            continue
+        if backend not in available:
+            rows.append(note_row("*", backend, "-", "-", "run", "not available", "not installed or no device"))
+            continue
+        for op, fn in CHECKS.items():
+            if ops and op not in ops:
+                continue
+            for dtype in DTYPES:
+                if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+                    rows.append(note_row(op, backend, "bfloat16", "-", "all", "not checked",
+                                         "Triton's interpreter computes bf16 wrongly; checked on GPU only"))
+                    continue
+                try:
+                    rows += list(fn(backend, dtype, device))
+                except Exception as exc:
+                    rows.append(note_row(op, backend, dtype_name(dtype), "-", "run", "FAIL",
+                                         f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.2e}"
+
+
+def print_table(rows, file=sys.stdout):
+    header = ("op", "backend", "dtype", "shape", "check", "max abs", "max rel", "status")
+    table = [header] + [(r["op"], r["backend"], r["dtype"], r["shape"], r["check"], _fmt(r["max_abs"]),
+                         _fmt(r["max_rel"]), r["status"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)), file=file)
+    for r in rows:
+        if r.get("detail") and r["status"] == "FAIL":
+            print(f"\n{r['op']} {r['backend']} {r['dtype']} {r['shape']}: {r['detail']}", file=file)
+
+
+def run(ops=None, backends=None, json_path=None) -> int:
+    start = time.time()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter, NVRTC)"
+    print(f"fastdl {fastdl.__version__} verify on {device}; backends available: {fastdl.available_backends()}")
+    rows = collect(ops, backends)
+    print_table(rows)
+    failed = sum(r["status"] == "FAIL" for r in rows)
+    passed = sum(r["status"] == "pass" for r in rows)
+    print(f"\n{passed} passed, {failed} failed, {len(rows) - passed - failed} not checked "
+          f"in {time.time() - start:.1f}s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(device=device, torch=torch.__version__, rows=rows), f, indent=1, default=str)
+    return 1 if failed else 0
