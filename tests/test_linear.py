@@ -65,6 +65,15 @@ def test_triton_noncontiguous_inputs_and_grad(dtype, activation):
     run_linear("triton", dtype, (37, 29, 23), activation, noncontiguous=True)
 
 
+@pytest.mark.parametrize("splits", [3, 5])  # 3: one row block each; 5: more splits than row blocks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_grad_weight_split_over_rows(monkeypatch, dtype, splits):
+    from fastdl.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "GRAD_WEIGHT_SPLITS", splits)
+    run_linear("triton", dtype, (130, 100, 65), "gelu", noncontiguous=True)
+
+
 @pytest.mark.parametrize("activation", [None, "leaky_relu", "silu"])
 def test_triton_without_bias(activation):
     run_linear("triton", torch.float32, (37, 29, 23), activation, has_bias=False)

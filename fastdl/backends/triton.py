@@ -89,17 +89,57 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
             if grad_bias is not None:
                 grad_bias.zero_()
         elif N > 0:
-            # At least one k-block so the bias column runs even when K == 0.
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])),)
-            _wrap(_k._linear_bwd_weight)[grid](
-                grad_out, s, input, grad_weight, grad_bias if grad_bias is not None else grad_weight,
-                M, N, K,
-                grad_out.stride(0), grad_out.stride(1), s.stride(0), s.stride(1),
-                input.stride(0), input.stride(1), grad_weight.stride(0), grad_weight.stride(1),
-                float(negative_slope),
-                HAS_BIAS=needs_bias_grad, ACTIVATION=code, ACC_DTYPE=acc_dtype,
-                INPUT_PRECISION=precision,
-            )
+            _grad_weight(grad_out, s, input, grad_weight, grad_bias, code, negative_slope, acc_dtype, precision)
         if not needs_weight_grad:
             grad_weight = None
     return grad_input, grad_weight, grad_bias
+
+
+# Split the rows of grad_weight = g.T @ x over this many programs per (N, K) tile; None: by shape.
+GRAD_WEIGHT_SPLITS = None
+
+
+def _grad_weight_splits(M, N, K, device) -> int:
+    if GRAD_WEIGHT_SPLITS is not None:
+        return GRAD_WEIGHT_SPLITS
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(N, 128) * max(1, triton.cdiv(K, 128))
+    if tiles >= sms:
+        return 1
+    # Enough programs to fill the SMs twice over, each still looping over >= 4 blocks of 128 rows.
+    return max(1, min(triton.cdiv(2 * sms, tiles), M // 512, 32))
+
+
+def _grad_weight(grad_out, s, input, grad_weight, grad_bias, code, negative_slope, acc_dtype, precision):
+    M, K = input.shape
+    N = grad_weight.shape[0]
+    splits = _grad_weight_splits(M, N, K, input.device)
+    if splits > 1:
+        # fp32 (fp64) partial sums per split, reduced in a fixed order: deterministic.
+        work_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        weight_out = torch.empty((splits, N, K), device=input.device, dtype=work_dtype)
+        bias_out = torch.empty((splits, N), device=input.device, dtype=work_dtype)
+        w_strides = weight_out.stride()
+        b_split = bias_out.stride(0)
+    else:
+        weight_out, bias_out = grad_weight, grad_bias if grad_bias is not None else grad_weight
+        w_strides = (0,) + grad_weight.stride()
+        b_split = 0
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])), splits)
+    _wrap(_k._linear_bwd_weight)[grid](
+        grad_out, s, input, weight_out, bias_out,
+        M, N, K,
+        grad_out.stride(0), grad_out.stride(1), s.stride(0), s.stride(1), input.stride(0), input.stride(1),
+        w_strides[0], w_strides[1], w_strides[2], b_split,
+        float(negative_slope),
+        HAS_BIAS=grad_bias is not None, ACTIVATION=code, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+    )
+    if splits > 1:
+        for partial, out in ((weight_out, grad_weight), (bias_out, grad_bias)):
+            if out is None or out.numel() == 0:
+                continue
+            block = 1024
+            _wrap(_k._sum_splits)[(triton.cdiv(out.numel(), block),)](
+                partial, out, out.numel(), SPLITS=splits, BLOCK=block)

@@ -205,40 +205,68 @@ def _linear_bwd_input(
 def _linear_bwd_weight(
     grad_out_ptr, saved_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out/saved (M, N), x (M, K)
     M, N, K,
-    stride_gm, stride_gn, stride_sm, stride_sn, stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_gm, stride_gn, stride_sm, stride_sn, stride_xm, stride_xk,
+    stride_wsplit, stride_wn, stride_wk, stride_bsplit,
     negative_slope,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    """grad_weight (and grad_bias) over the rows of split program_id(1).
+
+    With few (N, K) tiles and many rows, one program per tile would leave most SMs idle, so the
+    rows are split across program_id(1): each split writes its partial sums at
+    grad_weight_ptr + split * stride_wsplit (an fp32 workspace, reduced by _sum_splits), and with
+    a single split the pointers are grad_weight and grad_bias themselves.
+    """
     # K == 0 still runs one k-column: it owns grad_bias.
     pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP)
+    split = tl.program_id(1)
+    blocks_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(1))
+    m_start = split * blocks_per_split * BLOCK_M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
     # g is read transposed, (BLOCK_N, BLOCK_M), so the dot is g.T @ x with no shuffle.
     g_ptrs = grad_out_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm
     s_ptrs = saved_ptr + offs_n[:, None] * stride_sn + offs_m[None, :] * stride_sm
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
     bias_acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for m in range(0, tl.cdiv(M, BLOCK_M)):
-        m_left = M - m * BLOCK_M
-        g_mask = (offs_n[:, None] < N) & (offs_m[None, :] < m_left)
+    m_end = tl.minimum(M - m_start, blocks_per_split * BLOCK_M)
+    for m in range(0, tl.cdiv(m_end, BLOCK_M)):
+        m_left = m_end - m * BLOCK_M
+        g_mask = (offs_n[:, None] < N) & (offs_m[None, :] - m_start < m_left)
         grad = tl.load(g_ptrs, mask=g_mask, other=0.0).to(ACC_DTYPE)
         if ACTIVATION != 0:
             saved = tl.load(s_ptrs, mask=g_mask, other=0)
             grad = _activation_grad(grad, saved.to(ACC_DTYPE), negative_slope, ACTIVATION)
         if HAS_BIAS:
             bias_acc += tl.sum(grad, axis=1)
-        x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & (offs_k[None, :] < K), other=0.0)
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] - m_start < m_left) & (offs_k[None, :] < K), other=0.0)
         acc = tl.dot(grad.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
         g_ptrs += BLOCK_M * stride_gm
         s_ptrs += BLOCK_M * stride_sm
         x_ptrs += BLOCK_M * stride_xm
-    tl.store(grad_weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+    split_offset = split.to(tl.int64)
+    tl.store(grad_weight_ptr + split_offset * stride_wsplit + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
              acc.to(grad_weight_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
     if HAS_BIAS:
         if pid_k == 0:
-            tl.store(grad_bias_ptr + offs_n, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=offs_n < N)
+            tl.store(grad_bias_ptr + split_offset * stride_bsplit + offs_n,
+                     bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _sum_splits(
+    partial_ptr, out_ptr,  # partial (SPLITS, numel) fp32, contiguous; out (numel,) contiguous
+    numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out = partial.sum(0), in a fixed order (deterministic), cast to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+    for split in range(1, SPLITS):
+        acc += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
