@@ -1,0 +1,217 @@
+"""Softmax cross-entropy: loss and gradient from one program per row, in two sweeps of the row.
+
+Why fused: the unfused path (log_softmax, then nll_loss, then their backwards) writes and reads
+(rows, C) tensors four times; for a language model's head that is the largest activation of the
+step. Here the forward reads the logits twice and writes the gradient once, and the backward only
+scales that gradient in place by grad_output.
+
+Every loss torch's cross_entropy computes is sum_c T_c (lse - x_c) for a target distribution T
+(see fastdl/reference/cross_entropy.py), whose gradient is softmax(x) * B - T with B = sum_c T_c:
+
+  sweep 1  online softmax: a running max m and a running sum s of exp(x - m), rescaled when m
+           grows, so exp never overflows (logits of magnitude 1e4 are fine); a block that is all
+           -inf shifts by 0 instead of -inf, so -inf entries give exp(-inf) = 0, never nan.
+           Probability targets also sum B here, since the gradient needs it before sweep 2.
+  sweep 2  with m and s final: grad = (exp(x - m) / s * B - T) * scale, written once; and the
+           row sums the loss needs relative to m, sum_c T_c (x_c - m), computed against the final
+           m so no cancellation between terms of size 1e4 creeps in.
+
+The loss is B * log(s) - sum_c T_c (x_c - m); for a class-index target its nll part is taken
+from x_t directly, so -inf entries away from the target leave the loss finite (torch's result).
+Sweep 2 is skipped when neither the gradient nor a sum over the row is needed (inference on
+plain class-index targets reads the row once).
+
+Bad targets: a class index outside [0, C) that is not ignore_index trips tl.device_assert, a
+device-side assert (the kernel is compiled with debug=True so the assert is kept); the read of
+x_t is clamped to column 0 so a bad index never reads out of bounds even where asserts are off.
+Host code never syncs to check targets in the hot path (see fastdl.functional.cross_entropy).
+
+All pointer offsets are int64: rows * C may pass 2**31 (8192 x 262144 already does).
+
+Also here: _scale_rows (the backward) and _linear_grad_weight_accumulate, the in-place
+grad_weight += grad.T @ x that lets linear_cross_entropy's chunks share one grad_weight.
+"""
+import triton
+import triton.language as tl
+
+from fastdl.kernels.triton.linear import _grouped_tile, matmul_configs
+
+# The column block of the row sweeps. 4096 fp32 values over 8 warps is 16 per thread: enough
+# bytes in flight per SM to saturate HBM without spilling; a vocabulary of 262144 is 64 blocks.
+MAX_BLOCK_C = 4096
+
+
+def block_c(C: int) -> int:
+    return max(16, min(MAX_BLOCK_C, triton.next_power_of_2(max(C, 1))))
+
+
+def num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4 if block >= 512 else 2
+
+
+@triton.jit(debug=True)
+def _cross_entropy_fwd(
+    logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, smoothing_ptr, grad_scale_ptr, loss_ptr, grad_ptr,
+    # logits (R, C), target (R,) int64 or (R, C) probabilities, weight (C,), weight_sum (),
+    # smoothing () (label_smoothing in ACC_DTYPE: a float argument would be rounded to fp32),
+    # grad_scale () or (R,), loss (R,) in ACC_DTYPE, grad (R, C) (may be logits itself)
+    C,
+    stride_lr, stride_lc, stride_tr, stride_tc, stride_w, stride_scale, stride_gr, stride_gc,
+    ignore_index,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C).to(tl.int64)
+    x_row = logits_ptr + row * stride_lr
+    t_row = target_ptr + row * stride_tr
+    eps = tl.zeros((), ACC_DTYPE)
+    if SMOOTHING:
+        eps = tl.load(smoothing_ptr).to(ACC_DTYPE)
+    eps_per_class = eps / C
+
+    m = tl.full((), float("-inf"), ACC_DTYPE)
+    s = tl.zeros((), ACC_DTYPE)
+    b = tl.zeros((), ACC_DTYPE)  # B = sum_c T_c, summed in sweep 1 for probability targets
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        mask = cols < C
+        x = tl.load(x_row + cols * stride_lc, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        m = m_new
+        if PROB_TARGET:
+            q = tl.load(t_row + cols * stride_tc, mask=mask, other=0.0).to(ACC_DTYPE)
+            if SMOOTHING:
+                q = tl.where(mask, q * (1.0 - eps) + eps_per_class, 0.0)
+            if HAS_WEIGHT:
+                q *= tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(ACC_DTYPE)
+            b += tl.sum(q, axis=0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+
+    scale = tl.load(grad_scale_ptr + row * stride_scale).to(ACC_DTYPE)
+    ignored = False
+    target = 0
+    w_target = tl.full((), 1.0, ACC_DTYPE)
+    weight_sum = tl.full((), 1.0, ACC_DTYPE) * C
+    x_target = tl.zeros((), ACC_DTYPE)
+    if not PROB_TARGET:
+        target = tl.load(t_row)
+        ignored = target == ignore_index
+        in_range = (target >= 0) & (target < C)
+        tl.device_assert(in_range | ignored, "fastdl.cross_entropy: target out of bounds [0, C)")
+        target = tl.where(in_range & (target != ignore_index), target, 0)
+        x_target = tl.load(x_row + target * stride_lc).to(ACC_DTYPE)
+        if HAS_WEIGHT:
+            w_target = tl.load(weight_ptr + target * stride_w).to(ACC_DTYPE)
+            if SMOOTHING:
+                weight_sum = tl.load(weight_sum_ptr).to(ACC_DTYPE)
+        w_target = tl.where(ignored, 0.0, w_target)
+        # torch's nll_loss multiplies an ignored row's gradient by 0 (nan stays nan).
+        scale = tl.where(ignored, 0.0, scale)
+        b = w_target
+        if SMOOTHING:
+            b = (1.0 - eps) * w_target + tl.where(ignored, 0.0, eps_per_class * weight_sum)
+
+    row_sum = tl.zeros((), ACC_DTYPE)  # sum_c T_c (x_c - m), or sum_c w_c (x_c - m) for smoothing
+    if COMPUTE_GRAD or PROB_TARGET or SMOOTHING:
+        g_row = grad_ptr + row * stride_gr
+        for start in range(0, C, BLOCK_C):
+            cols = start + offs
+            mask = cols < C
+            x = tl.load(x_row + cols * stride_lc, mask=mask, other=0.0).to(ACC_DTYPE)
+            # Masked lanes are 0 here so every product below stays finite (0 * -inf is nan).
+            x_shifted = tl.where(mask, x - shift, 0.0)
+            if PROB_TARGET:
+                t_dist = tl.load(t_row + cols * stride_tc, mask=mask, other=0.0).to(ACC_DTYPE)
+                if SMOOTHING:
+                    t_dist = tl.where(mask, t_dist * (1.0 - eps) + eps_per_class, 0.0)
+                if HAS_WEIGHT:
+                    t_dist *= tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(ACC_DTYPE)
+                row_sum += tl.sum(t_dist * x_shifted, axis=0)
+            else:
+                t_dist = tl.where(cols == target, (1.0 - eps) * w_target, 0.0)
+                if SMOOTHING:
+                    w = tl.where(mask, 1.0, 0.0).to(ACC_DTYPE)
+                    if HAS_WEIGHT:
+                        w = tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(ACC_DTYPE)
+                    row_sum += tl.sum(w * x_shifted, axis=0)
+                    t_dist += tl.where(ignored, 0.0, eps_per_class * w)
+            if COMPUTE_GRAD:
+                probs = tl.where(mask, tl.exp(x_shifted) / s, 0.0)
+                grad = (probs * b - t_dist) * scale
+                tl.store(g_row + cols * stride_gc, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    if PROB_TARGET:
+        loss = b * log_s - row_sum
+    else:
+        # (m - x_t) first: both may be ~1e4, their difference is exact.
+        loss = w_target * ((shift - x_target) + log_s)
+        if SMOOTHING:
+            loss = (1.0 - eps) * loss + eps_per_class * (weight_sum * log_s - row_sum)
+        loss = tl.where(ignored, 0.0, loss)
+    tl.store(loss_ptr + row, loss)
+
+
+@triton.jit
+def _scale_rows(
+    x_ptr, scale_ptr,  # x (R, C) scaled in place, scale () or (R,)
+    C, stride_xr, stride_xc, stride_scale,
+    ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """x[r, :] *= scale[r]: cross-entropy's backward (grad_output per row for reduction='none')."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = cols < C
+    scale = tl.load(scale_ptr + row * stride_scale).to(ACC_DTYPE)
+    ptrs = x_ptr + row * stride_xr + cols * stride_xc
+    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(ptrs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# Autotuning trial runs would each add into grad_weight; restore_value resets it between trials.
+@triton.autotune(configs=matmul_configs("BLOCK_M"), key=["M", "N", "K", "HAS_BIAS"],
+                 restore_value=["grad_weight_ptr", "grad_bias_ptr"])
+@triton.jit
+def _linear_grad_weight_accumulate(
+    grad_out_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out (M, N), x (M, K), grad_weight (N, K)
+    M, N, K,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """grad_weight += grad_out.T @ x and grad_bias += grad_out.sum(0), in place.
+
+    linear_cross_entropy's chunks each add their rows' share into one grad_weight; a kernel that
+    returned a fresh (N, K) partial per chunk (as linear's backward does) would cost a second
+    vocabulary-sized buffer, more than the chunk of logits the chunking saves. The tile sum is
+    fp32 (fp64 for fp64); it meets the accumulator once per chunk.
+    """
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    g_ptrs = grad_out_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m in range(0, tl.cdiv(M, BLOCK_M)):
+        m_left = M - m * BLOCK_M
+        grad = tl.load(g_ptrs, mask=(offs_n[:, None] < N) & (offs_m[None, :] < m_left), other=0.0)
+        if HAS_BIAS:
+            bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & (offs_k[None, :] < K), other=0.0)
+        acc = tl.dot(grad.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+        g_ptrs += BLOCK_M * stride_gm
+        x_ptrs += BLOCK_M * stride_xm
+    w_ptrs = grad_weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(w_ptrs, acc.to(grad_weight_ptr.dtype.element_ty), mask=w_mask)
+    if HAS_BIAS:
+        if pid_k == 0:
+            bias_ptrs = grad_bias_ptr + offs_n
+            bias_acc += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(ACC_DTYPE)
+            tl.store(bias_ptrs, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=offs_n < N)
