@@ -29,3 +29,11 @@ class Linear(torch.nn.Linear):
         if self.activation == "leaky_relu":
             extra += f", negative_slope={self.negative_slope}"
         return super().extra_repr() + extra
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss (same constructor, `weight` buffer and state_dict) on fastdl's fused kernel."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                reduction=self.reduction, label_smoothing=self.label_smoothing)

@@ -179,3 +179,101 @@ def run(ops=None, backends=None, json_path=None) -> int:
         with open(json_path, "w") as f:
             json.dump(dict(device=device, torch=torch.__version__, rows=rows), f, indent=1, default=str)
     return 1 if failed else 0
+
+
+# --- cross_entropy ---------------------------------------------------------------------------------
+# (The oracle itself is proven against torch in tests/test_reference_cross_entropy.py.)
+
+def _has_cross_entropy(backend) -> bool:
+    from fastdl import backends
+
+    return hasattr(backends.get(backend), "cross_entropy_fwd")
+
+
+@check("cross_entropy")
+def _check_cross_entropy(backend, dtype, device):
+    from fastdl.reference import cross_entropy as ref
+
+    if not _has_cross_entropy(backend):
+        yield note_row("cross_entropy", backend, dtype_name(dtype), "-", "all", "not checked", "no launcher yet")
+        return
+    shapes = [(64, 1000), (8, 5003)]
+    if device == "cuda":
+        shapes += [(4096, 32000)]
+    for R, C in shapes:
+        for case in ("index+weight+ignore", "smoothing", "prob"):
+            x = testing.make_tensor((R, C), dtype, device, seed=1, scale=3.0, requires_grad=True)
+            gen = torch.Generator().manual_seed(2)
+            if case == "prob":
+                target = torch.softmax(testing.make_tensor((R, C), torch.float64, seed=3), 1).to(dtype).to(device)
+            else:
+                target = torch.randint(0, C, (R,), generator=gen)
+                target[::5] = -100
+                target = target.to(device)
+            weight = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype).to(device) \
+                if case == "index+weight+ignore" else None
+            smoothing = 0.1 if case != "index+weight+ignore" else 0.0
+            reduction = "none" if case == "smoothing" else "mean"
+            with fastdl.use_backend(backend):
+                loss = fastdl.functional.cross_entropy(x, target, weight, reduction=reduction,
+                                                       label_smoothing=smoothing)
+            g = testing.make_tensor(loss.shape, dtype, device, seed=4) if loss.dim() else torch.ones((), dtype=dtype,
+                                                                                                   device=device)
+            loss.backward(g)
+            expected, saved = ref.forward(_np(x), _np(target) if case == "prob" else target.cpu().numpy(),
+                                          _np(weight), -100, reduction, smoothing)
+            shape = f"{R}x{C} {case} {reduction}"
+            yield compare_row("cross_entropy", backend, dtype, shape, "loss", loss, expected)
+            yield compare_row("cross_entropy", backend, dtype, shape, "grad_input", x.grad,
+                              ref.backward(_np(g), saved)[0])
+
+
+@check("linear_cross_entropy")
+def _check_linear_cross_entropy(backend, dtype, device):
+    import os
+
+    from fastdl.ops import cross_entropy as ops
+    from fastdl.reference import cross_entropy as ref
+
+    if not _has_cross_entropy(backend):
+        yield note_row("linear_cross_entropy", backend, dtype_name(dtype), "-", "all", "not checked",
+                       "no launcher yet")
+        return
+    # (N, H, V, rows per chunk): several chunks on the small shape, the budget's choice on the big one.
+    shapes = [(37, 29, 53, "16")]
+    if device == "cuda":
+        shapes += [(4096, 1024, 32000, None)]
+    tf32 = dtype == torch.float32 and device == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    previous = os.environ.get(ops.CHUNK_ROWS_ENV)
+    try:
+        for N, H, V, rows in shapes:
+            if rows is None:
+                os.environ.pop(ops.CHUNK_ROWS_ENV, None)
+            else:
+                os.environ[ops.CHUNK_ROWS_ENV] = rows
+            for reduction in ("mean", "none"):
+                x = testing.make_tensor((N, H), dtype, device, seed=1, requires_grad=True)
+                w = testing.make_tensor((V, H), dtype, device, seed=2, scale=3 * H ** -0.5, requires_grad=True)
+                b = testing.make_tensor((V,), dtype, device, seed=3, requires_grad=True)
+                target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
+                target[::6] = -100
+                target = target.to(device)
+                with fastdl.use_backend(backend):
+                    loss = fastdl.functional.linear_cross_entropy(x, w, target, b, reduction=reduction,
+                                                                  label_smoothing=0.1)
+                g = testing.make_tensor(loss.shape, dtype, device, seed=5) if loss.dim() else torch.ones(
+                    (), dtype=dtype, device=device)
+                loss.backward(g)
+                expected, saved = ref.linear_forward(_np(x), _np(w), target.cpu().numpy(), _np(b), -100,
+                                                     reduction, 0.1)
+                grads = ref.linear_backward(_np(g), saved)
+                shape = f"{N}x{H}->{V} {reduction}"
+                yield compare_row("linear_cross_entropy", backend, dtype, shape, "loss", loss, expected, tf32)
+                for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad),
+                                           grads):
+                    yield compare_row("linear_cross_entropy", backend, dtype, shape, name, got, want, tf32)
+    finally:
+        if previous is None:
+            os.environ.pop(ops.CHUNK_ROWS_ENV, None)
+        else:
+            os.environ[ops.CHUNK_ROWS_ENV] = previous
