@@ -31,8 +31,6 @@ from torch import Tensor
 from fastdl import backends
 from fastdl.ops._define import BACKEND_NAMES, define
 
-REDUCTIONS = ("none", "mean", "sum")
-
 # linear_cross_entropy's chunk: the bytes of one chunk of logits (its gradient overwrites it).
 # 256 MiB keeps the extra memory near 5% of the unfused path's at N=8192, V=128256 in bf16
 # while each chunk's matmuls (>= 1024 x V x H there) still fill the GPU.

@@ -1,0 +1,234 @@
+"""fastdl.functional.linear_cross_entropy: chunked dense layer + cross-entropy against the float64
+reference and the unfused torch composition, for every reduction and several chunks; (GPU) against
+torch in float64 at realistic sizes, and its peak memory against a stated bound."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdl
+from fastdl import backends
+from fastdl.ops import cross_entropy as ce_ops
+from fastdl.reference import cross_entropy as ref
+from fastdl.testing import assert_close, make_tensor
+
+HAS_CUDA = torch.cuda.is_available()
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def _np(t):
+    return None if t is None else t.detach().cpu().double().numpy()
+
+
+def _assert_same(results, rtol=1e-10, atol=1e-10):
+    (expected, expected_grads), (out, grads) = results
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol, equal_nan=True)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+# (N, H, V, rows per chunk)
+LINEAR_SHAPES = [
+    (10, 6, 9, 4),      # three chunks, the last one short
+    (37, 29, 53, 16),   # odd sizes, three chunks
+    (5, 3, 7, 100),     # one chunk bigger than the batch
+]
+
+
+def run_linear_cross_entropy(backend, dtype, shape, reduction, monkeypatch, *, has_bias=True, label_smoothing=0.0,
+                             ignore=True, device="cpu"):
+    N, H, V, rows = shape
+    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, str(rows))
+    x = make_tensor((N, H), dtype, device, seed=1, requires_grad=True)
+    w = make_tensor((V, H), dtype, device, seed=2, scale=3 * H ** -0.5, requires_grad=True)
+    b = make_tensor((V,), dtype, device, seed=3, requires_grad=True) if has_bias else None
+    target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
+    if ignore:
+        target[::4] = -100
+    target = target.to(device)
+    with fastdl.use_backend(backend):
+        loss = fastdl.functional.linear_cross_entropy(x, w, target, b, reduction=reduction,
+                                                      label_smoothing=label_smoothing)
+    grad_out = make_tensor(loss.shape, dtype, device, seed=5) if loss.dim() else torch.tensor(1.3, dtype=dtype)
+    loss.backward(grad_out.to(device))
+    expected, saved = ref.linear_forward(_np(x), _np(w), target.cpu().numpy(), _np(b), -100, reduction,
+                                         label_smoothing)
+    grad_x, grad_w, grad_b = ref.linear_backward(_np(grad_out), saved)
+    assert loss.dtype == dtype and tuple(loss.shape) == tuple(expected.shape)
+    assert_close(loss, expected, dtype, name="loss")
+    assert_close(x.grad, grad_x, dtype, name="grad_input")
+    assert_close(w.grad, grad_w, dtype, name="grad_weight")
+    if has_bias:
+        assert_close(b.grad, grad_b, dtype, name="grad_bias")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.float64),
+                                           ("reference", torch.float32)])
+def test_linear_cross_entropy_matches_reference(backend, dtype, shape, reduction, monkeypatch):
+    run_linear_cross_entropy(backend, dtype, shape, reduction, monkeypatch)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_fp16_smoothing_no_bias(reduction, monkeypatch):
+    run_linear_cross_entropy("triton", torch.float16, (19, 13, 29, 8), reduction, monkeypatch, has_bias=False,
+                             label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_equals_unfused_torch(backend, reduction, monkeypatch):
+    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, "3")
+    x = make_tensor((8, 5), torch.float64, seed=1)
+    w = make_tensor((6, 5), torch.float64, seed=2)
+    b = make_tensor((6,), torch.float64, seed=3)
+    target = torch.tensor([0, 5, -100, 3, 2, 2, 1, -100])
+    results = []
+    for fn in (lambda *a: F.cross_entropy(F.linear(a[0], a[1], a[3]), a[2], reduction=reduction,
+                                          label_smoothing=0.1),
+               lambda *a: fastdl.functional.linear_cross_entropy(*a, reduction=reduction, label_smoothing=0.1)):
+        args = [t.detach().clone().requires_grad_() for t in (x, w)]
+        bias = b.detach().clone().requires_grad_()
+        with fastdl.use_backend(backend):
+            out = fn(args[0], args[1], target, bias)
+        upstream = make_tensor(out.shape, torch.float64, seed=9) if out.dim() else torch.tensor(0.7, dtype=torch.float64)
+        out.backward(upstream)
+        results.append((out, [args[0].grad, args[1].grad, bias.grad]))
+    _assert_same(results)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_linear_cross_entropy_1d_input_probability_targets_and_all_ignored(backend, monkeypatch):
+    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, "2")
+    w = make_tensor((6, 5), torch.float64, seed=2)
+    cases = [
+        (make_tensor((5,), torch.float64, seed=1), torch.tensor(4)),                       # (H,) input
+        (make_tensor((5, 5), torch.float64, seed=1),
+         torch.softmax(make_tensor((5, 6), torch.float64, seed=4), 1)),                  # probabilities
+        (make_tensor((5, 5), torch.float64, seed=1), torch.full((5,), -100)),             # all ignored: nan
+    ]
+    for x, target in cases:
+        for reduction in REDUCTIONS:
+            results = []
+            for fn in (lambda a, b, t: F.cross_entropy(F.linear(a, b), t, reduction=reduction),
+                       lambda a, b, t: fastdl.functional.linear_cross_entropy(a, b, t, reduction=reduction)):
+                xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+                with fastdl.use_backend(backend):
+                    out = fn(xx, ww, target)
+                out.backward(torch.ones_like(out))
+                results.append((out, [xx.grad, ww.grad]))
+            _assert_same(results)
+
+
+def test_linear_cross_entropy_computes_only_requested_grads(monkeypatch):
+    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, "3")
+    x = make_tensor((7, 5), seed=1)
+    w = make_tensor((6, 5), seed=2, requires_grad=True)
+    b = make_tensor((6,), seed=3)
+    target = torch.tensor([0, 5, 1, 3, 2, 2, 1])
+    with fastdl.use_backend("triton"):
+        loss = fastdl.functional.linear_cross_entropy(x, w, target, b)
+        loss.backward()
+        with torch.no_grad():
+            inference = fastdl.functional.linear_cross_entropy(x, w, target, b)
+    assert x.grad is None and b.grad is None and w.grad is not None
+    torch.testing.assert_close(inference, loss.detach())
+
+
+def test_linear_cross_entropy_bad_input():
+    x, w = make_tensor((4, 5)), make_tensor((6, 5))
+    with pytest.raises(IndexError, match="Target 6 is out of bounds"):
+        fastdl.functional.linear_cross_entropy(x, w, torch.tensor([0, 6, 1, 2]))
+    with pytest.raises(ValueError):
+        fastdl.functional.linear_cross_entropy(x, w, torch.tensor([0, 1]))
+    with pytest.raises(ValueError):
+        fastdl.functional.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3]), reduction="avg")
+    with pytest.raises(RuntimeError, match="4x5"):
+        fastdl.functional.linear_cross_entropy(x, make_tensor((6, 4)), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="flatten"):
+        fastdl.functional.linear_cross_entropy(make_tensor((2, 2, 5)), w, torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_chunk_rows_fit_the_budget():
+    V = 128256
+    rows = ce_ops.chunk_rows(8192, V, 2, torch.device("cpu"))
+    assert rows % 128 == 0 and rows * V * 2 <= ce_ops.CHUNK_BYTES
+    assert ce_ops.chunk_rows(5, V, 2, torch.device("cpu")) == 5            # never more rows than the batch
+    assert ce_ops.chunk_rows(8192, 2**31, 4, torch.device("cpu")) == 1     # at least one row
+
+
+# --- GPU -------------------------------------------------------------------------------------------
+
+def _gpu_backends():
+    names = ["triton", "cupy"]
+    if HAS_CUDA:
+        names = [b for b in names if b in fastdl.available_backends()]
+    return [b for b in names if _has_launcher(b)]
+
+
+def _has_launcher(name):
+    try:
+        return hasattr(backends.get(name), "cross_entropy_fwd")
+    except ImportError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", [b for b in _gpu_backends() if b != "reference"])
+def test_gpu_linear_cross_entropy_matches_float64(backend, dtype):
+    N, H, V = 8192, 1024, 32000
+    x = make_tensor((N, H), dtype, "cuda", seed=1, requires_grad=True)
+    w = make_tensor((V, H), dtype, "cuda", seed=2, scale=H ** -0.5, requires_grad=True)
+    target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3)).cuda()
+    for reduction in ("mean", "none"):
+        x.grad = w.grad = None
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        expected = F.cross_entropy(F.linear(x64, w64), target, reduction=reduction)
+        grad_out = torch.rand(expected.shape, dtype=torch.float64, device="cuda") + 0.5
+        expected.backward(grad_out)
+        with fastdl.use_backend(backend):
+            loss = fastdl.functional.linear_cross_entropy(x, w, target, reduction=reduction)
+        loss.backward(grad_out.to(dtype))
+        tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        assert_close(loss, expected.detach(), dtype, tf32, name="loss")
+        assert_close(x.grad, x64.grad, dtype, tf32, name="grad_input")
+        assert_close(w.grad, w64.grad, dtype, tf32, name="grad_weight")
+
+
+def _peak_extra_bytes(fn, params):
+    """Peak memory of forward + backward beyond what existed before and the gradients it leaves."""
+    for p in params:
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn().backward()
+    torch.cuda.synchronize()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
+    return torch.cuda.max_memory_allocated() - base - grads
+
+
+@pytest.mark.gpu
+def test_gpu_linear_cross_entropy_peak_memory():
+    # The bound: one chunk of logits (its gradient overwrites it), the chunk's grad_input rows, the
+    # loss rows and 64 MiB of slack; and at most 10% of the unfused torch path's extra memory.
+    N, H, V = 8192, 4096, 128256
+    dtype = torch.bfloat16
+    x = make_tensor((N, H), dtype, "cuda", seed=1, requires_grad=True)
+    w = make_tensor((V, H), dtype, "cuda", seed=2, scale=H ** -0.5, requires_grad=True)
+    target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3)).cuda()
+    ours = lambda: fastdl.functional.linear_cross_entropy(x, w, target)  # noqa: E731
+    theirs = lambda: F.cross_entropy(F.linear(x, w), target)  # noqa: E731
+    with fastdl.use_backend("triton"):
+        _peak_extra_bytes(ours, (x, w))  # warm-up: autotuning clones its outputs once
+        ours_bytes = _peak_extra_bytes(ours, (x, w))
+    theirs_bytes = _peak_extra_bytes(theirs, (x, w))
+    rows = ce_ops.chunk_rows(N, V, 2, x.device)
+    bound = rows * V * 2 + rows * H * 2 + N * 4 + 64 * 2**20
+    print(f"linear_cross_entropy extra {ours_bytes / 2**20:.0f} MiB (bound {bound / 2**20:.0f} MiB), "
+          f"unfused torch {theirs_bytes / 2**20:.0f} MiB")
+    assert ours_bytes <= bound
+    assert ours_bytes <= 0.10 * theirs_bytes
