@@ -470,6 +470,16 @@ def _has_launcher(name):
         return False
 
 
+def _gpu_logits(N, V, dtype, seed, scale=4.0, requires_grad=False):
+    """make_tensor's non-uniform rows and columns, drawn on the GPU (a billion float64 values on
+    the host would take tens of GB and minutes)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn((N, V), device="cuda", generator=gen)
+    x.mul_(torch.exp(0.5 * torch.randn((N, 1), device="cuda", generator=gen)))
+    x.add_(0.2 * torch.randn((V,), device="cuda", generator=gen)).mul_(scale)
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
 # Big shapes compare against torch's float64 cross_entropy on the GPU, not the NumPy reference (too
 # slow at 8192 x 128256): tests/test_reference_cross_entropy.py proves the reference equal to torch
 # in float64 to 1e-12 for every semantic used here, which makes torch float64 a faithful proxy.
@@ -479,7 +489,7 @@ def _has_launcher(name):
 @pytest.mark.parametrize("backend", [b for b in _gpu_backends() if b != "reference"])
 def test_gpu_large_vocabulary_matches_float64(backend, dtype, V):
     N = 8192
-    x = make_tensor((N, V), dtype, "cuda", seed=1, scale=4.0)
+    x = _gpu_logits(N, V, dtype, seed=1)
     target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2)).cuda()
     target[::7] = -100
     weight = (torch.rand(V, generator=torch.Generator().manual_seed(3)) + 0.5).to(dtype).cuda()
@@ -505,7 +515,7 @@ def test_gpu_large_vocabulary_matches_float64(backend, dtype, V):
 def test_gpu_largest_vocabulary_past_int32_offsets(backend):
     # 8200 x 262144 bf16 logits: rows past 8192 start beyond element 2**31 (int64 offsets).
     N, V = 8200, 262144
-    x = make_tensor((N, V), torch.bfloat16, "cuda", seed=1, scale=4.0, requires_grad=True)
+    x = _gpu_logits(N, V, torch.bfloat16, seed=1, requires_grad=True)
     target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2)).cuda()
     with fastdl.use_backend(backend):
         loss = fastdl.functional.cross_entropy(x, target, reduction="none", label_smoothing=0.05)
