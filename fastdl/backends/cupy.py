@@ -1,0 +1,183 @@
+"""CuPy launchers for kernels/cuda/*.cu: allocate outputs with torch, launch, return torch tensors.
+
+Tensors cross over as raw device pointers (tensor.data_ptr(), offset included) with their
+strides, so nothing is copied, any layout works, and bfloat16 needs no CuPy dtype. Kernels run
+on torch's current stream and device, so they order with the torch work around them exactly
+like a torch op would. Each source is compiled once per device, on first use, by NVRTC through
+cupy.RawModule; `cupy` is imported only then, so this module imports on machines without it.
+CuPy compiles with -ftz=true (float32 denormals flush to zero), which torch's kernels do not.
+Inputs were validated upstream (fastdl.functional).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+# Identical to kernels/triton/linear.py (tests/test_cuda_compile.py checks it); not imported from
+# there, so this backend does not need Triton.
+ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4,
+                    "silu": 5, "sigmoid": 6, "tanh": 7}
+SAVE_NONE, SAVE_MASK, SAVE_PREACT = 0, 1, 2
+SAVE_KIND = {0: SAVE_NONE, 1: SAVE_MASK, 2: SAVE_MASK, 3: SAVE_PREACT, 4: SAVE_PREACT,
+             5: SAVE_PREACT, 6: SAVE_NONE, 7: SAVE_NONE}
+
+# The element type each kernel template is instantiated for.
+CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
+              torch.float64: "double"}
+LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight")
+# Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
+NAME_EXPRESSIONS = {
+    "linear": tuple(f"{kernel}<{ctype}>" for kernel in LINEAR_KERNELS for ctype in CUDA_TYPES.values()),
+}
+# The kernels' fixed geometry: 64 x 64 output tiles, 256 threads per block.
+BLOCK_ROWS = BLOCK_COLS = 64
+THREADS = 256
+
+_INSTALL_HINT = ("fastdl's cupy backend needs CuPy: pip install fastdl[cuda12] (CUDA 12) "
+                 "or pip install fastdl[cuda13] (CUDA 13)")
+
+_lock = threading.Lock()
+_functions: dict[tuple[str, int, str], object] = {}  # (stem, device index, name expression)
+_modules: dict[tuple[str, int], object] = {}
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise RuntimeError(_INSTALL_HINT) from exc
+    return cupy
+
+
+def _compile_options(cupy) -> tuple[str, ...]:
+    from fastdl import nvrtc
+
+    try:
+        version = tuple(int(v) for v in cupy.cuda.nvrtc.getVersion())
+    except Exception:  # noqa: BLE001 - without a version any header directory is a guess
+        version = None
+    # CuPy finds the CUDA headers itself in most setups; this adds the best match we know of for
+    # CuPy's NVRTC (the nvidia-cuda-runtime wheel, CUDA_PATH, /usr/local/cuda), for cuda_bf16.h,
+    # and only one of the same CUDA major: headers of another major could break a working setup.
+    return tuple(nvrtc.OPTIONS) + nvrtc.header_options(version, same_major_only=True)
+
+
+def _function(stem: str, device_index: int, expression: str):
+    key = (stem, device_index, expression)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    cupy = _cupy()
+    from fastdl import nvrtc
+
+    with _lock:
+        module = _modules.get((stem, device_index))
+        with cupy.cuda.Device(device_index):
+            if module is None:
+                module = cupy.RawModule(code=nvrtc.read_source(stem), options=_compile_options(cupy),
+                                        name_expressions=NAME_EXPRESSIONS[stem])
+                _modules[(stem, device_index)] = module
+            fn = module.get_function(expression)  # compiles for this device's arch on first use
+        _functions[key] = fn
+    return fn
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(t.data_ptr() if t is not None else 0)
+
+
+def _i64(*values) -> list[np.int64]:
+    return [np.int64(v) for v in values]
+
+
+def _launch(name: str, like: torch.Tensor, num_blocks: int, args: tuple) -> None:
+    cupy = _cupy()
+    device = like.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _function("linear", index, f"{name}<{CUDA_TYPES[like.dtype]}>")
+    with cupy.cuda.Device(index):
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        with stream:
+            fn((num_blocks,), (THREADS,), args)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def saved_dtype(activation_code: int, dtype: torch.dtype) -> torch.dtype | None:
+    kind = SAVE_KIND[activation_code]
+    return {SAVE_NONE: None, SAVE_MASK: torch.uint8, SAVE_PREACT: dtype}[kind]
+
+
+def linear_fwd(input, weight, bias, activation, negative_slope):
+    """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
+    M, K = input.shape
+    N = weight.shape[0]
+    code = ACTIVATION_CODES[activation]
+    out = torch.empty((M, N), device=input.device, dtype=input.dtype)
+    sdt = saved_dtype(code, input.dtype)
+    saved = (torch.empty((M, N), device=input.device, dtype=sdt) if sdt is not None
+             else torch.empty((0, 0), device=input.device, dtype=input.dtype))
+    if M == 0 or N == 0:
+        return out, saved
+    s_strides = saved.stride() if sdt is not None else (0, 0)
+    _launch("linear_fwd", input, _cdiv(M, BLOCK_ROWS) * _cdiv(N, BLOCK_COLS), (
+        _ptr(input), _ptr(weight), _ptr(bias), _ptr(out), _ptr(saved if sdt is not None else None),
+        *_i64(M, N, K,
+              input.stride(0), input.stride(1), weight.stride(0), weight.stride(1),
+              bias.stride(0) if bias is not None else 0,
+              out.stride(0), out.stride(1), s_strides[0], s_strides[1]),
+        np.float64(negative_slope), np.int32(bias is not None), np.int32(code),
+    ))
+    return out, saved
+
+
+def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_slope,
+               needs_input_grad, needs_weight_grad, needs_bias_grad):
+    """Gradients of linear_fwd; `saved` is linear_fwd's second output (or `out` for sigmoid/tanh)."""
+    M, K = input.shape
+    N = weight.shape[0]
+    code = ACTIVATION_CODES[activation]
+    if SAVE_KIND[code] == SAVE_NONE and code != 0:
+        saved = out  # sigmoid and tanh differentiate through their output
+    s = saved if code != 0 else None  # not read when there is no activation
+    s_strides = s.stride() if s is not None else (0, 0)
+    grad_input = grad_weight = grad_bias = None
+    if needs_input_grad:
+        grad_input = torch.empty((M, K), device=input.device, dtype=input.dtype)
+        if M > 0 and K > 0:
+            if N == 0:
+                grad_input.zero_()
+            else:
+                _launch("linear_bwd_input", input, _cdiv(M, BLOCK_ROWS) * _cdiv(K, BLOCK_COLS), (
+                    _ptr(grad_out), _ptr(s), _ptr(weight), _ptr(grad_input),
+                    *_i64(M, N, K,
+                          grad_out.stride(0), grad_out.stride(1), s_strides[0], s_strides[1],
+                          weight.stride(0), weight.stride(1), grad_input.stride(0), grad_input.stride(1)),
+                    np.float64(negative_slope), np.int32(code),
+                ))
+    if needs_weight_grad or needs_bias_grad:
+        if needs_weight_grad:
+            grad_weight = torch.empty((N, K), device=input.device, dtype=weight.dtype)
+        if needs_bias_grad:
+            grad_bias = torch.empty((N,), device=input.device, dtype=weight.dtype)
+        if M == 0:
+            for grad in (grad_weight, grad_bias):
+                if grad is not None:
+                    grad.zero_()
+        elif N > 0:
+            # Bias only: run with K = 0, so only the k-tile-0 blocks run and grad_weight is never
+            # written. At least one k-tile either way, so the bias column runs even when K == 0.
+            k_run = K if needs_weight_grad else 0
+            w_strides = grad_weight.stride() if grad_weight is not None else (0, 0)
+            _launch("linear_bwd_weight", input, _cdiv(N, BLOCK_ROWS) * max(1, _cdiv(k_run, BLOCK_COLS)), (
+                _ptr(grad_out), _ptr(s), _ptr(input), _ptr(grad_weight), _ptr(grad_bias),
+                *_i64(M, N, k_run,
+                      grad_out.stride(0), grad_out.stride(1), s_strides[0], s_strides[1],
+                      input.stride(0), input.stride(1), w_strides[0], w_strides[1]),
+                np.float64(negative_slope), np.int32(needs_bias_grad), np.int32(code),
+            ))
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,166 @@
+"""Compile fastdl's CUDA sources with NVRTC, on a machine with or without a GPU.
+
+NVRTC compiles for any architecture without a device, so CPU CI proves that every
+kernels/cuda/*.cu compiles for sm_80 and sm_90 as the cupy backend compiles it: its options and
+its template instantiations (name expressions), against the CUDA headers found here (the
+nvidia-cuda-runtime wheel, CUDA_PATH / CUDA_HOME, /usr/local/cuda) that best match this NVRTC.
+
+    ok, log = compile_source(path, "sm_90")
+"""
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+# Options shared with fastdl.backends.cupy. No fast-math: erf, tanh and exp must match torch.
+OPTIONS = ("--std=c++17",)
+
+_INSTALL_HINT = "pip install -e .[test] (or pip install cuda-bindings nvidia-cuda-nvrtc nvidia-cuda-runtime)"
+
+
+def cuda_sources() -> list[Path]:
+    """kernels/cuda/*.cu as installed (the package fastdl.kernels.cuda), sorted by name."""
+    root = importlib.resources.files("fastdl.kernels.cuda")
+    return sorted((Path(str(p)) for p in root.iterdir() if p.name.endswith(".cu")), key=lambda p: p.name)
+
+
+def read_source(stem: str) -> str:
+    """The text of kernels/cuda/<stem>.cu."""
+    return importlib.resources.files("fastdl.kernels.cuda").joinpath(f"{stem}.cu").read_text()
+
+
+def instantiations(stem: str) -> tuple[str, ...]:
+    """The template instantiations the cupy backend asks of kernels/cuda/<stem>.cu."""
+    from fastdl.backends import cupy as _cupy_backend  # imports no cupy at module level
+
+    return tuple(_cupy_backend.NAME_EXPRESSIONS.get(stem, ()))
+
+
+def _cudart_version(include_dir: Path) -> int | None:
+    """CUDART_VERSION (e.g. 12080) of a header directory, or None if it has no CUDA headers."""
+    header = include_dir / "cuda_runtime_api.h"
+    if not (include_dir / "cuda_fp16.h").is_file() or not header.is_file():
+        return None
+    match = re.search(r"#define\s+CUDART_VERSION\s+(\d+)", header.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
+
+
+def _candidate_include_dirs() -> list[Path]:
+    dirs: list[Path] = []
+    try:  # cuda-pathfinder (a dependency of cuda-bindings) knows the wheel and conda layouts
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            dirs.append(Path(found))
+    except Exception:  # noqa: BLE001 - an old or missing pathfinder is not an error here
+        pass
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        # CUDA 13 wheels: nvidia/cu13/include; CUDA 12 wheels: nvidia/cuda_runtime/include.
+        dirs += sorted(Path(base).glob("cu*/include")) + [Path(base) / "cuda_runtime" / "include"]
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]) / "include")
+    dirs.append(Path("/usr/local/cuda/include"))
+    unique = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def include_dirs(nvrtc_version: tuple[int, int] | None = None, same_major_only: bool = False) -> list[str]:
+    """Directories holding cuda_fp16.h / cuda_bf16.h, the best match for `nvrtc_version` first.
+
+    Headers of another CUDA major than the compiler's come last, and not at all with
+    `same_major_only`: a newer cuda_bf16.h may use builtins an older NVRTC does not have.
+    """
+    found = [(d, v) for d in _candidate_include_dirs() if (v := _cudart_version(d)) is not None]
+    if nvrtc_version is None:
+        return [] if same_major_only else [str(d) for d, _ in found]
+    major, minor = nvrtc_version
+    wanted = major * 1000 + minor * 10
+    if same_major_only:
+        found = [(d, v) for d, v in found if v // 1000 == major]
+    # Same major first; then the closest version, preferring one not newer than the compiler.
+    found.sort(key=lambda dv: (dv[1] // 1000 != major, dv[1] > wanted, abs(dv[1] - wanted)))
+    return [str(d) for d, _ in found]
+
+
+def header_options(nvrtc_version: tuple[int, int] | None = None, same_major_only: bool = False) -> tuple[str, ...]:
+    """-I for the best header directory for that NVRTC, or nothing if none qualifies."""
+    return tuple(f"-I{d}" for d in include_dirs(nvrtc_version, same_major_only)[:1])
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as exc:
+        raise RuntimeError(f"fastdl.nvrtc needs cuda-bindings and the NVRTC wheel: {_INSTALL_HINT}") from exc
+    return nvrtc
+
+
+def nvrtc_version() -> tuple[int, int]:
+    nvrtc = _nvrtc()
+    err, major, minor = nvrtc.nvrtcVersion()
+    return int(major), int(minor)
+
+
+def _check(nvrtc, result, what: str):
+    err, *rest = result
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, message = nvrtc.nvrtcGetErrorString(err)
+        raise RuntimeError(f"NVRTC {what} failed: {message.decode(errors='replace')}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def compile_source(path_or_text, arch: str, name_expressions: tuple[str, ...] | None = None,
+                   extra_options: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """Compile a .cu (a path, or the source text) for `arch` ("sm_80", "sm_90") to CUBIN.
+
+    Returns (ok, log). The template instantiations are those fastdl.backends.cupy uses for a
+    source of that stem (or `name_expressions`), so templates are compiled, not just parsed.
+    """
+    nvrtc = _nvrtc()
+    if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and "\n" not in path_or_text
+                                          and path_or_text.endswith((".cu", ".cuh"))):
+        path = Path(path_or_text)
+        text, name = path.read_text(), path.name
+        if name_expressions is None:
+            name_expressions = instantiations(path.stem)
+    else:
+        text, name = str(path_or_text), "source.cu"
+    expressions = tuple(name_expressions or ())
+    headers = header_options(nvrtc_version())
+    options = [*OPTIONS, f"--gpu-architecture={arch}", *headers, *extra_options]
+
+    prog = _check(nvrtc, nvrtc.nvrtcCreateProgram(text.encode(), name.encode(), 0, [], []), "create")
+    try:
+        for expression in expressions:
+            _check(nvrtc, nvrtc.nvrtcAddNameExpression(prog, expression.encode()), f"name expression {expression}")
+        encoded = [o.encode() for o in options]
+        (result,) = nvrtc.nvrtcCompileProgram(prog, len(encoded), encoded)
+        log_size = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "log size")
+        log = b" " * log_size
+        _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log), "log")
+        log_text = log.rstrip(b"\x00 ").decode(errors="replace")
+        ok = result == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        if ok:
+            missing = []
+            for expression in expressions:
+                err, lowered = nvrtc.nvrtcGetLoweredName(prog, expression.encode())
+                if err != nvrtc.nvrtcResult.NVRTC_SUCCESS or not lowered:
+                    missing.append(expression)
+            if missing:
+                ok = False
+                log_text += f"\nname expressions not instantiated: {', '.join(missing)}"
+        if not headers:
+            log_text += "\n(no CUDA header directory found: install nvidia-cuda-runtime or set CUDA_PATH)"
+        header = f"nvrtc {'.'.join(map(str, nvrtc_version()))} {' '.join(options)}"
+        return ok, f"{header}\n{log_text}".strip()
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
