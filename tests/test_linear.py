@@ -130,6 +130,20 @@ def test_noncontiguous_3d_input_and_transposed_weight():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_and_inf_propagate_like_torch(activation):
+    x = make_tensor((4, 9), seed=1)
+    x[0, 0] = float("nan")
+    if activation != "gelu":  # torch's own gelu(inf) is nan on CPU and inf on CUDA: no one answer
+        x[1, 3], x[2, 5] = float("inf"), float("-inf")
+    w, b = make_tensor((5, 9), seed=2), make_tensor((5,), seed=3)
+    expected = _TORCH_ACTIVATIONS[activation](F.linear(x, w, b), 0.01)
+    for backend in ("triton", "reference"):
+        with fastdl.use_backend(backend):
+            out = fastdl.functional.linear(x, w, b, activation=activation)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_only_requested_grads_are_computed():
     x = make_tensor((8, 9), seed=1)
     w = make_tensor((5, 9), seed=2, requires_grad=True)

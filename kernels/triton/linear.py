@@ -70,7 +70,7 @@ def _tanh(z):
 def _activation(z, negative_slope, ACTIVATION: tl.constexpr):
     y = z
     if ACTIVATION == 1:
-        y = tl.where(z > 0, z, 0.0)
+        y = tl.where(z < 0, 0.0, z)  # NaN stays NaN, as torch.relu
     elif ACTIVATION == 2:
         y = tl.where(z > 0, z, z * negative_slope)
     elif ACTIVATION == 3:
