@@ -45,14 +45,17 @@ def _check_tensor(op: str, name: str, value, position: int) -> None:
                         f"not {type(value).__name__}")
 
 
-def _autocast(*tensors):
-    """Cast as torch.autocast casts F.linear: floating tensors other than float64 go to the autocast dtype."""
+def _autocast(*tensors, to_float32: bool = False):
+    """Cast as torch.autocast does: to the autocast dtype for ops on its lower-precision list (linear),
+    or up to float32 for ops on its float32 list (cross_entropy). float64 is never cast."""
     device_type = next(t.device.type for t in tensors if t is not None)
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+    if to_float32:
+        dtype, castable = torch.float32, (torch.float16, torch.bfloat16)
+    else:
+        dtype, castable = torch.get_autocast_dtype(device_type), (torch.float16, torch.bfloat16, torch.float32)
+    return tuple(t.to(dtype) if t is not None and t.dtype in castable else t for t in tensors)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
@@ -200,14 +203,6 @@ def _check_same_device(op: str, *tensors) -> None:
                            f"{', '.join(sorted(str(d) for d in devices))}")
 
 
-def _autocast_fp32(*tensors):
-    """torch.autocast runs cross_entropy in float32: float16/bfloat16 tensors are cast up."""
-    device_type = next(t.device.type for t in tensors if t is not None)
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return tensors
-    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
-
-
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
@@ -241,7 +236,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             raise IndexError(f"fastdl.{op}: input needs a class dimension, got a scalar")
         if not prob:
             raise ValueError(f"fastdl.{op}: Expected 1 or more dimensions (got 0)")
-    input, weight, cast_target = _autocast_fp32(input, weight, target if prob else None)
+    input, weight, cast_target = _autocast(input, weight, target if prob else None, to_float32=True)
     if prob:
         target = cast_target
         if not target.is_floating_point():

@@ -70,3 +70,20 @@ def make_tensor(shape, dtype=torch.float32, device="cpu", *, seed: int = 0, scal
         t = wide[..., ::2]
     t = t.to(device)
     return t.requires_grad_(requires_grad)
+
+
+def gpu_backends(launcher: str, names=("triton", "cupy", "reference")) -> list[str]:
+    """Backends to parametrize GPU tests with: those having `launcher`, and available where CUDA is."""
+    import fastdl
+    from fastdl import backends
+
+    if torch.cuda.is_available():
+        names = [b for b in names if b in fastdl.available_backends()]
+
+    def has(name):
+        try:
+            return hasattr(backends.get(name), launcher)
+        except ImportError:
+            return False
+
+    return [b for b in names if has(b)]

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import fastdl
-from fastdl import backends
 from fastdl.ops import cross_entropy as ce_ops
 from fastdl.reference import cross_entropy as ref
-from fastdl.testing import assert_close, make_tensor
+from fastdl.testing import assert_close, gpu_backends, make_tensor
 
 HAS_CUDA = torch.cuda.is_available()
 REDUCTIONS = ["none", "mean", "sum"]
@@ -457,17 +456,7 @@ def test_torch_compile_fullgraph_reference_backend():
 # --- GPU: realistic vocabularies, every backend with a cross-entropy launcher ---------------------
 
 def _gpu_backends():
-    names = ["triton", "cupy", "reference"]
-    if HAS_CUDA:
-        names = [b for b in names if b in fastdl.available_backends()]
-    return [b for b in names if _has_launcher(b)]
-
-
-def _has_launcher(name):
-    try:
-        return hasattr(backends.get(name), "cross_entropy_fwd")
-    except ImportError:
-        return False
+    return gpu_backends("cross_entropy_fwd", ["triton", "cupy", "reference"])
 
 
 def _gpu_logits(N, V, dtype, seed, scale=4.0, requires_grad=False):

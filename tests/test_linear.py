@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fastdl
 from fastdl.functional import ACTIVATIONS, _TORCH_ACTIVATIONS
 from fastdl.reference import linear as ref
-from fastdl.testing import assert_close, make_tensor
+from fastdl.testing import assert_close, gpu_backends, make_tensor
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -303,8 +303,7 @@ def test_torch_compile_fullgraph_reference_backend():
 # --- GPU: every backend, every dtype, realistic shapes -------------------------------------------
 
 def _gpu_backends():
-    return [b for b in ("triton", "cupy", "reference") if b in fastdl.available_backends()] if HAS_CUDA \
-        else ["triton", "cupy", "reference"]
+    return gpu_backends("linear_fwd")
 
 
 @pytest.mark.gpu
