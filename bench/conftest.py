@@ -7,6 +7,8 @@ FASTDL_BENCH_QUICK=1 runs the small subset.
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -57,3 +59,44 @@ def baseline_ms():
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def measure(benchmark, ceilings, baseline_ms):
+    """measure(case): time one case under pytest-benchmark, its fastdl.bench metrics in extra_info."""
+    from fastdl import bench
+
+    def run(case):
+        benchmark.group = f"{case.workload.op} {case.mode} {case.workload.dtype} {case.workload.label}"
+        with bench.case_context(case):
+            prepared = bench.Prepared(case)
+            error = None if case.provider == bench.BASELINE else prepared.check()
+            timed = prepared.time(**bench.TIMING_FULL)
+            calls = itertools.count()
+            current = [0]
+
+            def setup():
+                current[0] = next(calls) % prepared.n_sets
+                if prepared.setup is not None:
+                    prepared.build_graph(current[0])
+                torch.cuda.synchronize()
+
+            def one_call():
+                prepared.step(current[0])
+                torch.cuda.synchronize()
+
+            rounds = int(min(200, max(5, 100.0 / timed["ms"])))
+            benchmark.pedantic(one_call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=2)
+            peak = prepared.peak_memory() if case.mode == "forward+backward" else None
+        prepared = None
+        torch.cuda.empty_cache()
+        info = bench.metrics(case, timed["ms"], ceilings)
+        base = baseline_ms(case, timed["ms"] if case.provider == bench.BASELINE else None)
+        info.update(speedup_vs_torch=base / timed["ms"], peak_mem_bytes=peak, reps=timed["reps"],
+                    n_sets=timed["calls_per_rep"], max_rel_err_vs_torch=error)
+        benchmark.extra_info.update(info)
+        if error is not None:
+            assert error <= bench.CHECK_TOLERANCE[case.workload.dtype], \
+                f"{case.id}: forward output differs from torch eager by {error:.3g} of its largest value"
+
+    return run

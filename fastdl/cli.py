@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="bench-results", help="folder for the JSON data and plots")
     bench.add_argument("--ops", nargs="*", help="only these ops (default: all)")
     bench.add_argument("--quick", action="store_true", help="a few shapes only")
+    bench.add_argument("--plot", metavar="DIR", help="only redraw the plots of DIR/<op>.json (no GPU needed)")
     args = parser.parse_args(argv)
     if args.command == "verify":
         from fastdl import verify as _verify
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         return _verify.run(ops=args.ops, backends=args.backends, json_path=args.json)
     from fastdl import bench as _bench
 
+    if args.plot:
+        return _bench.plot_dir(args.plot)
     return _bench.run(out_dir=args.out, ops=args.ops, quick=args.quick)
 
 

@@ -34,7 +34,6 @@ import traceback
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import fastdl
 from fastdl.backends import available_backends, use_backend
@@ -110,69 +109,12 @@ def random_tensor(shape, dtype: torch.dtype, *, seed: int, scale: float = 1.0, d
     return t.mul_(scale).to(dtype)
 
 
-# --------------------------------------------------------------------------- linear
-
-SQUARE_SIZES = (256, 512, 1024, 2048, 4096, 8192)
-QUICK_SQUARE_SIZES = (1024, 8192)
-MLP_BATCH = 4096
-# (in_features, out_features, activation) of the 784-256-128-64-10 MLP; the output layer has none.
-MLP_LAYERS = ((784, 256, "relu"), (256, 128, "relu"), (128, 64, "relu"), (64, 10, None))
-_TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "gelu": F.gelu}
+OPS: dict = {}
 
 
-def _linear_workloads(quick: bool) -> list[Workload]:
-    squares = QUICK_SQUARE_SIZES if quick else SQUARE_SIZES
-    mlp = MLP_LAYERS[:1] if quick else MLP_LAYERS
-
-    def square(dtype, s, act="relu", group="square"):
-        label = f"{s}^3" if group == "square" else f"{s}^3 {act}"
-        return Workload("linear", group, dtype, (s, s, s), (("activation", act),), label)
-
-    out = [square(dt, s) for dt in ("bf16", "fp16", "tf32") for s in squares]
-    out += [Workload("linear", "mlp", dt, (MLP_BATCH, n, k), (("activation", act),), f"mlp {k}->{n}")
-            for dt in DTYPES for k, n, act in mlp]
-    out += [square("fp32", s) for s in squares]
-    if not quick:
-        out += [square(dt, 4096, "gelu", "gelu") for dt in DTYPES]
-    return out
-
-
-def _linear_inputs(w: Workload, seed: int) -> tuple:
-    M, N, K = w.shape
-    dtype = DTYPES[w.dtype][0]
-    x = random_tensor((M, K), dtype, seed=3 * seed)
-    # 1/sqrt(K) keeps outputs O(1) at K = 8192, far from fp16's range.
-    weight = random_tensor((N, K), dtype, seed=3 * seed + 1, scale=K ** -0.5)
-    bias = random_tensor((N,), dtype, seed=3 * seed + 2)
-    return tuple(t.requires_grad_() for t in (x, weight, bias))
-
-
-def _linear_torch(w: Workload) -> Callable:
-    act = _TORCH_ACTIVATIONS[w.param["activation"]]
-    return lambda x, weight, bias: act(F.linear(x, weight, bias))
-
-
-def _linear_fastdl(w: Workload) -> Callable:
-    act = w.param["activation"]
-    return lambda x, weight, bias: fastdl.functional.linear(x, weight, bias, activation=act)
-
-
-def _linear_cost(w: Workload, mode: str) -> tuple[float, float]:
-    """FLOPs of the matmuls (2MNK each; backward has two) and the bytes no implementation can avoid."""
-    M, N, K = w.shape
-    e = DTYPES[w.dtype][0].itemsize
-    act = w.param["activation"]
-    # What backward must know of the activation: one bit per output for relu, else the pre-activation.
-    state = 0 if act is None else (M * N / 8 if act == "relu" else M * N * e)
-    fwd = e * (M * K + N * K + N + M * N)
-    bwd = e * (M * N + M * K + N * K) + state + e * (M * K + N * K + N)
-    mm = 2.0 * M * N * K
-    return {"forward": (mm, fwd), "backward": (2 * mm, bwd),
-            "forward+backward": (3 * mm, fwd + state + bwd)}[mode]
-
-
-LINEAR = OpSpec("linear", _linear_workloads, _linear_inputs, _linear_torch, _linear_fastdl, _linear_cost)
-OPS: dict[str, OpSpec] = {"linear": LINEAR}
+def register(spec: "OpSpec") -> "OpSpec":
+    OPS[spec.name] = spec
+    return spec
 
 
 # --------------------------------------------------------------------------- providers and cases
@@ -399,8 +341,10 @@ def metrics(case: Case, ms: float, ceilings: dict) -> dict:
     flops, nbytes = OPS[case.workload.op].cost(case.workload, case.mode)
     peak = ceilings["matmul_tflops"][case.workload.dtype] * 1e12
     floor_ms = 1e3 * max(flops / peak, nbytes / ceilings["copy_bytes_per_s"])
-    return dict(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, flops=flops, bytes=nbytes, floor_ms=floor_ms,
-                floor_fraction=floor_ms / ms)
+    return dict(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, flops=flops, bytes=nbytes,
+                gbps=nbytes / (ms * 1e-3) / 1e9,
+                bandwidth_fraction=nbytes / (ms * 1e-3) / ceilings["copy_bytes_per_s"],
+                floor_ms=floor_ms, floor_fraction=floor_ms / ms)
 
 
 def measure_case(case: Case, ceilings: dict, timing: dict = TIMING_FULL) -> dict:
@@ -669,3 +613,15 @@ def plot(json_path: str, png_path: str, mode: str = "forward+backward") -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def plot_dir(out_dir: str) -> int:
+    """Redraw <op>_speedup.png for every <op>.json of a results folder (the data is the source)."""
+    drawn = 0
+    for name in sorted(os.listdir(out_dir)):
+        op = name[:-5]
+        if name.endswith(".json") and op in OPS:
+            plot(os.path.join(out_dir, name), os.path.join(out_dir, f"{op}_speedup.png"))
+            drawn += 1
+    print(f"fastdl bench: drew {drawn} plot(s) in {out_dir}")
+    return 0 if drawn else 2
