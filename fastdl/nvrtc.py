@@ -32,6 +32,23 @@ def read_source(stem: str) -> str:
     return importlib.resources.files("fastdl.kernels.cuda").joinpath(f"{stem}.cu").read_text()
 
 
+def preludes(stem: str) -> tuple[str, ...]:
+    """The stems compiled before kernels/cuda/<stem>.cu in its module (fastdl.backends.cupy.SOURCE_PRELUDES)."""
+    from fastdl.backends import cupy as _cupy_backend  # imports no cupy at module level
+
+    return tuple(_cupy_backend.SOURCE_PRELUDES.get(stem, ()))
+
+
+def _join(parts: list[tuple[str, str]]) -> str:
+    """(file name, text) pairs as one translation unit; #line keeps each file's own line numbers."""
+    return "".join(f'#line 1 "{name}"\n{text}\n' for name, text in parts) if len(parts) > 1 else parts[0][1]
+
+
+def module_source(stem: str) -> str:
+    """What the cupy backend compiles for kernels/cuda/<stem>.cu: its preludes, then the file."""
+    return _join([(f"{s}.cu", read_source(s)) for s in (*preludes(stem), stem)])
+
+
 def instantiations(stem: str) -> tuple[str, ...]:
     """The template instantiations the cupy backend asks of kernels/cuda/<stem>.cu."""
     from fastdl.backends import cupy as _cupy_backend  # imports no cupy at module level
@@ -123,13 +140,16 @@ def compile_source(path_or_text, arch: str, name_expressions: tuple[str, ...] | 
     """Compile a .cu (a path, or the source text) for `arch` ("sm_80", "sm_90") to CUBIN.
 
     Returns (ok, log). The template instantiations are those fastdl.backends.cupy uses for a
-    source of that stem (or `name_expressions`), so templates are compiled, not just parsed.
+    source of that stem (or `name_expressions`), so templates are compiled, not just parsed; a
+    path's preludes (the sources compiled before it, from the same folder) come first, as there.
     """
     nvrtc = _nvrtc()
     if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and "\n" not in path_or_text
                                           and path_or_text.endswith((".cu", ".cuh"))):
         path = Path(path_or_text)
-        text, name = path.read_text(), path.name
+        name = path.name
+        text = _join([(f"{s}.cu", (path.parent / f"{s}.cu").read_text()) for s in preludes(path.stem)]
+                     + [(name, path.read_text())])
         if name_expressions is None:
             name_expressions = instantiations(path.stem)
     else:

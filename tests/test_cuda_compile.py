@@ -3,23 +3,22 @@
 - NVRTC compiles every source for sm_80 and sm_90 with the cupy backend's options and template
   instantiations; no GPU needed (needs cuda-bindings and the NVRTC / CUDA runtime wheels).
 - The logic of linear.cu runs on the CPU: the source is compiled as host C++ against a small
-  emulation of blocks, threads, __shared__ and __syncthreads, and driven through the cupy
-  backend's own launchers (only the final launch is swapped), against the float64 reference.
+  emulation of blocks, threads, __shared__ and __syncthreads (tests/cuda_emulation.py, shared with
+  tests/test_cuda_cross_entropy.py), and driven through the cupy backend's own launchers (only the
+  final launch is swapped), against the float64 reference.
 - On a GPU (marker gpu): the cupy backend on a side stream against the reference backend, and
   fastdl.functional.linear with autograd for every dtype, activation and layout.
 """
 from __future__ import annotations
 
-import ctypes
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import fastdl
+from cuda_emulation import emulated_backend  # noqa: F401 (a fixture)
 from fastdl import nvrtc
 from fastdl.backends import cupy as cupy_backend
 from fastdl.reference import linear as ref
@@ -93,119 +92,8 @@ def test_backend_imports_without_cupy_and_names_the_extras(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# linear.cu's logic on the CPU: host C++ with blocks run in order and a block's 256 threads as
-# std::threads meeting at a std::barrier. Index errors, bounds masks, strides, tile ownership,
-# the activation math and the launchers' arguments are all exercised; a missing __syncthreads
-# shows under ThreadSanitizer (not run here). Warp-level timing and CUDA's math library are not.
-
-_EMULATION = r"""
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <thread>
-#include <vector>
-struct dim3 { unsigned x = 0, y = 0, z = 0; };
-inline thread_local dim3 threadIdx, blockIdx;
-inline std::barrier<>* block_barrier = nullptr;
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static
-using std::min; using std::max;
-struct __half { uint16_t bits; };
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.bits, 2); return (float)f; }
-inline __half __float2half_rn(float v) {
-    _Float16 f = (_Float16)v; __half h; std::memcpy(&h.bits, &f, 2); return h;
-}
-inline float __bfloat162float(__nv_bfloat16 b) {
-    uint32_t u = (uint32_t)b.bits << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float v) {
-    uint32_t u; std::memcpy(&u, &v, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40)};
-    return {uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
-}
-// 256 threads walk the blocks in order; the barrier after each block keeps one block's use of
-// the __shared__ (here: static) tiles from overlapping the next one's.
-template <typename... P, typename... A>
-void emulate(long long blocks, void (*kernel)(P...), A... args) {
-    std::barrier<> barrier(256);
-    block_barrier = &barrier;
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < 256; ++t)
-        threads.emplace_back([&, t] {
-            threadIdx.x = t;
-            for (long long b = 0; b < blocks; ++b) {
-                blockIdx.x = (unsigned)b;
-                kernel(args...);
-                barrier.arrive_and_wait();
-            }
-        });
-    for (auto& thread : threads) thread.join();
-}
-"""
-_HOST_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
-               torch.float64: "double"}
-
-
-def _ctype(param: str):
-    if "*" in param:
-        return ctypes.c_void_p
-    return {"long long": ctypes.c_longlong, "double": ctypes.c_double, "int": ctypes.c_int}[
-        param.rsplit(" ", 1)[0]]
-
-
-@pytest.fixture(scope="module")
-def emulated_linear(tmp_path_factory):
-    """kernels/cuda/linear.cu as a host library: {kernel name: [(ctype, ...), {dtype: function}]}."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler for the host emulation of the CUDA kernels")
-    source = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", nvrtc.read_source("linear"))
-    kernels, wrappers = {}, []
-    for name in cupy_backend.LINEAR_KERNELS:
-        match = re.search(r"__global__ void __launch_bounds__\([^)]*\) " + name + r"\((.*?)\)\s*\{", source, re.S)
-        params = [p.strip() for p in match.group(1).split(",")]
-        arg_names = [re.split(r"[\s*]+", p)[-1] for p in params]
-        kernels[name] = [_ctype(p) for p in params]
-        for dtype, ctype in _HOST_TYPES.items():
-            decl = ", ".join(p.replace("T*", f"{ctype}*") for p in params)
-            wrappers.append(f'extern "C" void {name}_{str(dtype)[6:]}(long long blocks, {decl}) '
-                            f'{{ emulate(blocks, {name}<{ctype}>, {", ".join(arg_names)}); }}')
-    folder = tmp_path_factory.mktemp("emulated_cuda")
-    (folder / "linear.cpp").write_text("\n".join([_EMULATION, source, *wrappers]))
-    build = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                            str(folder / "linear.cpp"), "-o", str(folder / "linear.so")],
-                           capture_output=True, text=True)
-    if build.returncode != 0:
-        pytest.skip(f"the host compiler cannot build the emulation (needs C++20 and _Float16):\n"
-                    f"{build.stderr[-2000:]}")
-    library = ctypes.CDLL(str(folder / "linear.so"))
-    functions = {}
-    for name, argtypes in kernels.items():
-        for dtype in _HOST_TYPES:
-            fn = getattr(library, f"{name}_{str(dtype)[6:]}")
-            fn.argtypes, fn.restype = [ctypes.c_longlong] + argtypes, None
-            functions[(name, dtype)] = fn
-    return functions
-
-
-@pytest.fixture
-def emulated_backend(emulated_linear, monkeypatch):
-    """fastdl.backends.cupy with its launches run by the host emulation, on CPU tensors."""
-    def launch(name, like, num_blocks, args):
-        fn = emulated_linear[(name, like.dtype)]
-        values = [int(a) if isinstance(a, np.uint64) else a.item() for a in args]
-        fn(num_blocks, *values)
-
-    monkeypatch.setattr(cupy_backend, "_launch", launch)
-    return cupy_backend
-
+# linear.cu's logic on the CPU, through the host emulation of tests/cuda_emulation.py (the
+# emulated_backend fixture: fastdl.backends.cupy launching into it).
 
 def _check_backend(backend, dtype, x, w, b, g, activation, needs=(True, True, True), slope=0.1):
     """backend.linear_fwd / linear_bwd against the float64 reference; `saved` as Triton saves it."""

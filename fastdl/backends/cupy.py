@@ -27,10 +27,15 @@ SAVE_KIND = {0: SAVE_NONE, 1: SAVE_MASK, 2: SAVE_MASK, 3: SAVE_PREACT, 4: SAVE_P
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
               torch.float64: "double"}
 LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight")
+CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows", "linear_grad_weight_accumulate")
 # Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
 NAME_EXPRESSIONS = {
-    "linear": tuple(f"{kernel}<{ctype}>" for kernel in LINEAR_KERNELS for ctype in CUDA_TYPES.values()),
+    stem: tuple(f"{kernel}<{ctype}>" for kernel in kernels for ctype in CUDA_TYPES.values())
+    for stem, kernels in (("linear", LINEAR_KERNELS), ("cross_entropy", CROSS_ENTROPY_KERNELS))
 }
+# Per source stem: the sources compiled before it in the same module (cross_entropy.cu uses
+# linear.cu's element types and tiled matmul).
+SOURCE_PRELUDES = {"cross_entropy": ("linear",)}
 # The kernels' fixed geometry: 64 x 64 output tiles, 256 threads per block.
 BLOCK_ROWS = BLOCK_COLS = 64
 THREADS = 256
@@ -76,7 +81,7 @@ def _function(stem: str, device_index: int, expression: str):
         module = _modules.get((stem, device_index))
         with cupy.cuda.Device(device_index):
             if module is None:
-                module = cupy.RawModule(code=nvrtc.read_source(stem), options=_compile_options(cupy),
+                module = cupy.RawModule(code=nvrtc.module_source(stem), options=_compile_options(cupy),
                                         name_expressions=NAME_EXPRESSIONS[stem])
                 _modules[(stem, device_index)] = module
             fn = module.get_function(expression)  # compiles for this device's arch on first use
@@ -92,15 +97,18 @@ def _i64(*values) -> list[np.int64]:
     return [np.int64(v) for v in values]
 
 
-def _launch(name: str, like: torch.Tensor, num_blocks: int, args: tuple) -> None:
+def _launch(name: str, like: torch.Tensor, num_blocks: int | tuple[int, ...], args: tuple,
+            stem: str = "linear", threads: int = THREADS) -> None:
+    """name<like's type> from kernels/cuda/<stem>.cu on like's device and torch's current stream."""
     cupy = _cupy()
     device = like.device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _function("linear", index, f"{name}<{CUDA_TYPES[like.dtype]}>")
+    fn = _function(stem, index, f"{name}<{CUDA_TYPES[like.dtype]}>")
+    grid = num_blocks if isinstance(num_blocks, tuple) else (num_blocks,)
     with cupy.cuda.Device(index):
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
         with stream:
-            fn((num_blocks,), (THREADS,), args)
+            fn(grid, (threads,), args)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -181,3 +189,109 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
                 np.float64(negative_slope), np.int32(needs_bias_grad), np.int32(code),
             ))
     return grad_input, grad_weight, grad_bias
+
+
+# --- cross_entropy ---
+# The launcher interface of fastdl/backends/triton.py's cross_entropy section, on
+# kernels/cuda/cross_entropy.cu: the same arguments, the same results (see the docstrings there).
+
+_ACC_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+              torch.float64: torch.float64}
+# The most threads a block of cross_entropy_fwd may have: identical to the source's #define.
+CE_MAX_THREADS = 512
+# scale_rows: threads per block, 16-byte packs a thread takes per row, and the most rows in a grid
+# (CUDA's limit on gridDim.y; each block then walks several rows).
+SCALE_ROWS_THREADS = 256
+SCALE_ROWS_PACKS = 4
+MAX_GRID_Y = 65535
+
+
+def row_threads(C: int) -> int:
+    """cross_entropy_fwd's block: about 16 columns a thread, from one warp to CE_MAX_THREADS."""
+    return min(CE_MAX_THREADS, max(32, 1 << (_cdiv(C, 16) - 1).bit_length()))
+
+
+def _as_acc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == acc else t.to(acc)
+
+
+def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, compute_grad,
+                      inplace=False):
+    """Per-row softmax cross-entropy and its gradient, one block per row (kernels/cuda/cross_entropy.cu).
+
+    The interface and results of fastdl.backends.triton.cross_entropy_fwd: (loss_rows (R,) in
+    float32 / float64 for float64, grad_logits (R, C) or (0, 0)); a bad class index fails a
+    device-side assert.
+    """
+    R, C = logits.shape
+    device = logits.device
+    acc = _ACC_DTYPE[logits.dtype]
+    loss_rows = torch.empty((R,), device=device, dtype=acc)
+    if not compute_grad:
+        grad = torch.empty((0, 0), device=device, dtype=logits.dtype)
+    elif inplace:
+        grad = logits
+    else:
+        grad = torch.empty((R, C), device=device, dtype=logits.dtype)
+    if R == 0:
+        return loss_rows, grad
+    if C == 0:  # every index target was ignored (validated); probabilities sum over nothing
+        loss_rows.zero_()
+        return loss_rows, grad
+    prob = target.dim() == 2
+    smoothing = label_smoothing > 0.0
+    weight_sum = weight.sum(dtype=acc) if weight is not None and smoothing and not prob else None
+    scale = _as_acc(grad_scale, acc)
+    g = grad if compute_grad else None
+    _launch("cross_entropy_fwd", logits, R, (
+        _ptr(logits), _ptr(target), _ptr(weight), _ptr(weight_sum), _ptr(scale), _ptr(loss_rows), _ptr(g),
+        *_i64(C,
+              logits.stride(0), logits.stride(1), target.stride(0), target.stride(1) if prob else 0,
+              weight.stride(0) if weight is not None else 0, scale.stride(0) if scale.dim() else 0,
+              g.stride(0) if g is not None else 0, g.stride(1) if g is not None else 0,
+              ignore_index),
+        np.float64(label_smoothing), np.int32(prob), np.int32(weight is not None), np.int32(smoothing),
+        np.int32(bool(compute_grad)),
+    ), stem="cross_entropy", threads=row_threads(C))
+    return loss_rows, grad
+
+
+def cross_entropy_bwd(grad_logits, scale):
+    """In place: grad_logits[r, :] *= scale (shape ()) or scale[r] (shape (R,)); a 1-D grad_logits is one row."""
+    x = grad_logits if grad_logits.dim() == 2 else grad_logits.view(1, -1)
+    R, C = x.shape
+    if R == 0 or C == 0:
+        return
+    s = _as_acc(scale, _ACC_DTYPE[x.dtype])
+    columns_per_block = SCALE_ROWS_THREADS * SCALE_ROWS_PACKS * (16 // x.element_size())
+    _launch("scale_rows", x, (_cdiv(C, columns_per_block), min(R, MAX_GRID_Y)), (
+        _ptr(x), _ptr(s), *_i64(R, C, x.stride(0), x.stride(1), s.stride(0) if s.dim() else 0),
+    ), stem="cross_entropy", threads=SCALE_ROWS_THREADS)
+
+
+def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):
+    """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
+
+    grad_out (M, N), input (M, K) in the same dtype; grad_weight (N, K) in any float dtype;
+    grad_bias (N,) or None. The kernel adds into a grad_weight of input's dtype and a grad_bias
+    of its accumulator's (what linear_cross_entropy passes); other dtypes go through a temporary.
+    """
+    M, K = input.shape
+    N = grad_weight.shape[0]
+    if M == 0 or N == 0:
+        return
+    acc = _ACC_DTYPE[input.dtype]
+    w = grad_weight if grad_weight.dtype == input.dtype else torch.zeros((N, K), device=input.device,
+                                                                          dtype=input.dtype)
+    b = grad_bias if grad_bias is None or (grad_bias.dtype == acc and grad_bias.stride(0) == 1) else torch.zeros(
+        (N,), device=input.device, dtype=acc)
+    _launch("linear_grad_weight_accumulate", input, _cdiv(N, BLOCK_ROWS) * max(1, _cdiv(K, BLOCK_COLS)), (
+        _ptr(grad_out), _ptr(input), _ptr(w), _ptr(b),
+        *_i64(M, N, K, grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
+              w.stride(0), w.stride(1)),
+        np.int32(b is not None),
+    ), stem="cross_entropy")
+    if w is not grad_weight:
+        grad_weight.add_(w)
+    if b is not grad_bias:
+        grad_bias.add_(b)

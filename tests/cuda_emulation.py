@@ -1,0 +1,227 @@
+"""kernels/cuda/*.cu run on the CPU: the cupy backend's launchers, with only the final launch swapped.
+
+Each source's module (fastdl.nvrtc.module_source: preludes included) is compiled as host C++
+against a small emulation of CUDA: blocks run in order, a block's threads are std::threads
+meeting at a std::barrier for __syncthreads, __shared__ is static, and a warp's 32 threads
+exchange __shfl_xor_sync values through a slot each and a barrier of their own. Every template
+instantiation the backend compiles (NAME_EXPRESSIONS) gets a C entry point, called through ctypes
+with the launcher's own arguments on CPU tensors. A failed FASTDL_DEVICE_ASSERT is recorded and
+raised as EmulatedDeviceAssert after the launch. Accesses to misaligned addresses (found by
+-fsanitize=alignment) fail the launch too; a misaligned 16-byte pack load may instead crash the
+test process (x86's aligned moves fault, as the GPU does) before it can be reported.
+
+Index errors, bounds, strides, alignment paths, block and warp reductions, tile ownership, the
+math and the launchers' arguments are all exercised; a missing __syncthreads shows under
+ThreadSanitizer (not run here). Warp-level timing, independent thread scheduling inside a warp
+and CUDA's math library are not. Each module is compiled once per test session.
+
+    def test_x(emulated_backend):   # fastdl.backends.cupy, launching into the emulation
+        emulated_backend.cross_entropy_fwd(...)
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastdl import nvrtc
+from fastdl.backends import cupy as cupy_backend
+
+PRELUDE = r"""
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+inline dim3 blockDim, gridDim;
+inline thread_local dim3 threadIdx, blockIdx;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+using std::min; using std::max;
+// Every lane of a warp calls it (the kernels only shuffle with the full mask): each writes its
+// value, the warp meets, each reads its partner's, the warp meets again before slots are reused.
+template <typename V> V __shfl_xor_sync(unsigned, V value, int lane_mask) {
+    static V slots[1024];
+    const unsigned t = threadIdx.x;
+    std::barrier<>& warp = *warp_barriers[t / 32];
+    slots[t] = value;
+    warp.arrive_and_wait();
+    V other = slots[(t & ~31u) | ((t & 31u) ^ unsigned(lane_mask))];
+    warp.arrive_and_wait();
+    return other;
+}
+inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(unsigned long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.bits, 2); return (float)f; }
+inline __half __float2half_rn(float v) {
+    _Float16 f = (_Float16)v; __half h; std::memcpy(&h.bits, &f, 2); return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+    uint32_t u = (uint32_t)b.bits << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+    uint32_t u; std::memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40)};
+    return {uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+// A failed device assert: counted and its message kept; the launch finishes (the read after an
+// assert is clamped in the kernels), then Python raises.
+inline std::atomic<int> assert_failures{0};
+inline const char* assert_message = "";
+#define FASTDL_DEVICE_ASSERT(condition, message) \
+    ((condition) ? (void)0 : (void)(assert_message = message, assert_failures++))
+extern "C" const char* emulated_assert_message() { return assert_message; }
+// The build has -fsanitize=alignment: every typed access to a misaligned address calls this (on a
+// GPU such an access, e.g. a 16-byte pack load off a 16-byte boundary, faults).
+inline std::atomic<int> misaligned_accesses{0};
+extern "C" void __ubsan_handle_type_mismatch_v1(void*, void*) { misaligned_accesses++; }
+extern "C" int emulated_misaligned_accesses() { return misaligned_accesses.exchange(0); }
+// The block's threads walk the grid's blocks in order (x fastest); the barrier after each block
+// keeps one block's use of the __shared__ (here: static) arrays from overlapping the next one's.
+template <typename... P, typename... A>
+int emulate(long long grid_x, long long grid_y, int threads, void (*kernel)(P...), A... args) {
+    assert_failures = 0;
+    std::barrier<> barrier(threads);
+    block_barrier = &barrier;
+    warp_barriers.clear();
+    for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    blockDim = dim3{unsigned(threads), 1, 1};
+    gridDim = dim3{unsigned(grid_x), unsigned(grid_y), 1};
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+            threadIdx.x = unsigned(t);
+            for (long long by = 0; by < grid_y; ++by)
+                for (long long bx = 0; bx < grid_x; ++bx) {
+                    blockIdx.x = unsigned(bx);
+                    blockIdx.y = unsigned(by);
+                    kernel(args...);
+                    barrier.arrive_and_wait();
+                }
+        });
+    for (auto& thread : pool) thread.join();
+    return assert_failures;
+}
+"""
+
+# Element types as the kernels' templates name them, and how the host build spells their entry points.
+HOST_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
+              torch.float64: "double"}
+_DTYPE_OF = {ctype: dtype for dtype, ctype in HOST_TYPES.items()}
+
+
+class EmulatedDeviceAssert(AssertionError):
+    """A FASTDL_DEVICE_ASSERT failed during an emulated launch (on a GPU: a device-side assert)."""
+
+
+def _ctype(param: str):
+    if "*" in param:
+        return ctypes.c_void_p
+    return {"long long": ctypes.c_longlong, "double": ctypes.c_double, "int": ctypes.c_int}[
+        param.rsplit(" ", 1)[0]]
+
+
+_folder: Path | None = None
+
+
+def _build_folder() -> Path:
+    global _folder
+    if _folder is None:
+        _folder = Path(tempfile.mkdtemp(prefix="fastdl_emulated_cuda_"))
+        atexit.register(shutil.rmtree, _folder, True)
+    return _folder
+
+
+@functools.cache
+def build(stem: str):
+    """The module of kernels/cuda/<stem>.cu as a host library: {(kernel, dtype): function}, or a
+    string saying why it cannot be built here (no compiler, no C++20 or _Float16)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return "no C++ compiler for the host emulation of the CUDA kernels"
+    source = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", nvrtc.module_source(stem))
+    entries, wrappers = {}, []
+    for expression in cupy_backend.NAME_EXPRESSIONS[stem]:
+        name, ctype = re.fullmatch(r"(\w+)<(.+)>", expression).groups()
+        match = re.search(r"__global__ void (?:__launch_bounds__\([^)]*\) )?" + name + r"\((.*?)\)\s*\{", source, re.S)
+        params = [" ".join(p.split()) for p in match.group(1).split(",")]
+        arg_names = [re.split(r"[\s*]+", p)[-1] for p in params]
+        decl = ", ".join(re.sub(r"\bT\b", ctype, p) for p in params)
+        symbol = f"{name}_{str(_DTYPE_OF[ctype])[6:]}"
+        wrappers.append(f'extern "C" int {symbol}(long long grid_x, long long grid_y, int threads, {decl}) '
+                        f'{{ return emulate(grid_x, grid_y, threads, {name}<{ctype}>, {", ".join(arg_names)}); }}')
+        entries[(name, _DTYPE_OF[ctype])] = (symbol, [_ctype(p) for p in params])
+    folder = _build_folder()
+    (folder / f"{stem}.cpp").write_text("\n".join([PRELUDE, source, *wrappers]))
+    result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+                             "-fsanitize=alignment", "-fsanitize-recover=alignment",
+                             str(folder / f"{stem}.cpp"), "-o", str(folder / f"{stem}.so")],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"the host compiler cannot build the emulation (needs C++20 and _Float16):\n{result.stderr[-2000:]}"
+    library = ctypes.CDLL(str(folder / f"{stem}.so"))
+    library.emulated_assert_message.restype = ctypes.c_char_p
+    functions = {}
+    for key, (symbol, argtypes) in entries.items():
+        fn = getattr(library, symbol)
+        fn.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int] + argtypes
+        fn.restype = ctypes.c_int
+        functions[key] = (fn, library)
+    return functions
+
+
+def launch(name, like, num_blocks, args, stem="linear", threads=cupy_backend.THREADS):
+    """cupy_backend._launch's signature, run by the emulation on CPU tensors."""
+    functions = build(stem)
+    if isinstance(functions, str):
+        pytest.skip(functions)
+    fn, library = functions[(name, like.dtype)]
+    grid = tuple(num_blocks) if isinstance(num_blocks, tuple) else (num_blocks,)
+    values = [int(a) if isinstance(a, np.uint64) else a.item() for a in args]
+    failed_asserts = fn(grid[0], grid[1] if len(grid) > 1 else 1, threads, *values)
+    misaligned = library.emulated_misaligned_accesses()
+    if misaligned:
+        raise AssertionError(f"{name}: {misaligned} misaligned accesses (a GPU faults on any)")
+    if failed_asserts:
+        raise EmulatedDeviceAssert(library.emulated_assert_message().decode())
+
+
+@pytest.fixture
+def emulated_backend(monkeypatch):
+    """fastdl.backends.cupy with its launches run by the host emulation, on CPU tensors."""
+    monkeypatch.setattr(cupy_backend, "_launch", launch)
+    return cupy_backend
+
+
+@pytest.fixture
+def emulated_functional(emulated_backend, monkeypatch):
+    """emulated_backend, and fastdl.use_backend("cupy") taking CPU tensors: whole fastdl.functional
+    calls, autograd included, run through the emulated kernels."""
+    from fastdl import backends
+
+    resolve = backends.resolve
+    monkeypatch.setattr(backends, "resolve",
+                        lambda device: "cupy" if backends.selected_backend() == "cupy" else resolve(device))
+    return emulated_backend
