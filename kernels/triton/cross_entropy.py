@@ -70,6 +70,19 @@ def _cross_entropy_fwd(
         eps = tl.load(smoothing_ptr).to(ACC_DTYPE)
     eps_per_class = eps / C
 
+    ignored = False
+    target = 0
+    x_target = tl.zeros((), ACC_DTYPE)
+    if not PROB_TARGET:
+        # x_t is read before the gradient may be written over the logits (grad_ptr == logits_ptr);
+        # the barrier before sweep 2 keeps every warp's read ahead of every warp's store.
+        target = tl.load(t_row)
+        ignored = target == ignore_index
+        in_range = (target >= 0) & (target < C)
+        tl.device_assert(in_range | ignored, "fastdl.cross_entropy: target out of bounds [0, C)")
+        target = tl.where(in_range & (target != ignore_index), target, 0)
+        x_target = tl.load(x_row + target * stride_lc).to(ACC_DTYPE)
+
     m = tl.full((), float("-inf"), ACC_DTYPE)
     s = tl.zeros((), ACC_DTYPE)
     b = tl.zeros((), ACC_DTYPE)  # B = sum_c T_c, summed in sweep 1 for probability targets
@@ -92,18 +105,9 @@ def _cross_entropy_fwd(
     log_s = tl.log(s)
 
     scale = tl.load(grad_scale_ptr + row * stride_scale).to(ACC_DTYPE)
-    ignored = False
-    target = 0
     w_target = tl.full((), 1.0, ACC_DTYPE)
     weight_sum = tl.full((), 1.0, ACC_DTYPE) * C
-    x_target = tl.zeros((), ACC_DTYPE)
     if not PROB_TARGET:
-        target = tl.load(t_row)
-        ignored = target == ignore_index
-        in_range = (target >= 0) & (target < C)
-        tl.device_assert(in_range | ignored, "fastdl.cross_entropy: target out of bounds [0, C)")
-        target = tl.where(in_range & (target != ignore_index), target, 0)
-        x_target = tl.load(x_row + target * stride_lc).to(ACC_DTYPE)
         if HAS_WEIGHT:
             w_target = tl.load(weight_ptr + target * stride_w).to(ACC_DTYPE)
             if SMOOTHING:
@@ -117,6 +121,10 @@ def _cross_entropy_fwd(
 
     row_sum = tl.zeros((), ACC_DTYPE)  # sum_c T_c (x_c - m), or sum_c w_c (x_c - m) for smoothing
     if COMPUTE_GRAD or PROB_TARGET or SMOOTHING:
+        if COMPUTE_GRAD:
+            # Small blocks may be replicated across warps, whose reductions need no barrier: make
+            # sure every warp has read x_t before any warp stores over the logits (in place).
+            tl.debug_barrier()
         g_row = grad_ptr + row * stride_gr
         for start in range(0, C, BLOCK_C):
             cols = start + offs
