@@ -20,6 +20,7 @@ import torch
 import fastdl
 from cuda_emulation import emulated_backend  # noqa: F401 (a fixture)
 from fastdl import nvrtc
+from fastdl.backends import common
 from fastdl.backends import cupy as cupy_backend
 from fastdl.reference import linear as ref
 from fastdl.testing import assert_close, make_tensor, tolerance
@@ -71,16 +72,12 @@ def test_compile_errors_come_back_with_the_log():
     assert not ok and "undefined_name" in log
 
 
-def test_codes_match_triton_and_the_cuda_source():
-    from fastdl.kernels.triton import linear as triton_linear
-
-    assert cupy_backend.ACTIVATION_CODES == triton_linear.ACTIVATION_CODES
-    assert cupy_backend.SAVE_KIND == triton_linear.SAVE_KIND
+def test_codes_match_the_cuda_source():
     defines = dict(re.findall(r"#define (ACT_\w+|SAVE_\w+) (\d+)", nvrtc.read_source("linear")))
-    for name, code in cupy_backend.ACTIVATION_CODES.items():
+    for name, code in common.ACTIVATION_CODES.items():
         assert int(defines[f"ACT_{(name or 'none').upper()}"]) == code
     for name in ("SAVE_NONE", "SAVE_MASK", "SAVE_PREACT"):
-        assert int(defines[name]) == getattr(triton_linear, name)
+        assert int(defines[name]) == getattr(common, name)
 
 
 def test_backend_imports_without_cupy_and_names_the_extras(monkeypatch):
@@ -100,11 +97,11 @@ def _check_backend(backend, dtype, x, w, b, g, activation, needs=(True, True, Tr
     out, saved = backend.linear_fwd(x, w, b, activation, slope)
     expected, ctx = ref.forward(_np(x), _np(w), _np(b), activation, slope)
     assert_close(out, expected, dtype, name=f"out ({activation})")
-    kind = cupy_backend.SAVE_KIND[cupy_backend.ACTIVATION_CODES[activation]]
-    if kind == cupy_backend.SAVE_PREACT:
+    kind = common.SAVE_KIND[common.ACTIVATION_CODES[activation]]
+    if kind == common.SAVE_PREACT:
         assert saved.dtype == dtype
         assert_close(saved, ctx["z"], dtype, name="saved pre-activation")
-    elif kind == cupy_backend.SAVE_MASK:
+    elif kind == common.SAVE_MASK:
         z = torch.from_numpy(ctx["z"])
         clear = z.abs() > 1e-2 * (z.abs().max() if z.numel() else 0)  # rounding cannot flip these
         assert saved.dtype == torch.uint8

@@ -15,13 +15,9 @@ import threading
 import numpy as np
 import torch
 
-# Identical to kernels/triton/linear.py (tests/test_cuda_compile.py checks it); not imported from
-# there, so this backend does not need Triton.
-ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4,
-                    "silu": 5, "sigmoid": 6, "tanh": 7}
-SAVE_NONE, SAVE_MASK, SAVE_PREACT = 0, 1, 2
-SAVE_KIND = {0: SAVE_NONE, 1: SAVE_MASK, 2: SAVE_MASK, 3: SAVE_PREACT, 4: SAVE_PREACT,
-             5: SAVE_PREACT, 6: SAVE_NONE, 7: SAVE_NONE}
+from fastdl.backends.common import ACC_DTYPE as _ACC_DTYPE
+from fastdl.backends.common import ACTIVATION_CODES, cross_entropy_outputs, linear_backward_saved, linear_outputs
+
 
 # The element type each kernel template is instantiated for.
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
@@ -115,25 +111,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def saved_dtype(activation_code: int, dtype: torch.dtype) -> torch.dtype | None:
-    kind = SAVE_KIND[activation_code]
-    return {SAVE_NONE: None, SAVE_MASK: torch.uint8, SAVE_PREACT: dtype}[kind]
-
-
 def linear_fwd(input, weight, bias, activation, negative_slope):
     """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
     M, K = input.shape
     N = weight.shape[0]
-    code = ACTIVATION_CODES[activation]
-    out = torch.empty((M, N), device=input.device, dtype=input.dtype)
-    sdt = saved_dtype(code, input.dtype)
-    saved = (torch.empty((M, N), device=input.device, dtype=sdt) if sdt is not None
-             else torch.empty((0, 0), device=input.device, dtype=input.dtype))
+    code, out, saved, writes_saved = linear_outputs(input, weight, activation)
     if M == 0 or N == 0:
         return out, saved
-    s_strides = saved.stride() if sdt is not None else (0, 0)
+    s_strides = saved.stride() if writes_saved else (0, 0)
     _launch("linear_fwd", input, _cdiv(M, BLOCK_ROWS) * _cdiv(N, BLOCK_COLS), (
-        _ptr(input), _ptr(weight), _ptr(bias), _ptr(out), _ptr(saved if sdt is not None else None),
+        _ptr(input), _ptr(weight), _ptr(bias), _ptr(out), _ptr(saved if writes_saved else None),
         *_i64(M, N, K,
               input.stride(0), input.stride(1), weight.stride(0), weight.stride(1),
               bias.stride(0) if bias is not None else 0,
@@ -149,9 +136,7 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
     M, K = input.shape
     N = weight.shape[0]
     code = ACTIVATION_CODES[activation]
-    if SAVE_KIND[code] == SAVE_NONE and code != 0:
-        saved = out  # sigmoid and tanh differentiate through their output
-    s = saved if code != 0 else None  # not read when there is no activation
+    s = linear_backward_saved(code, saved, out)  # None: not read without an activation
     s_strides = s.stride() if s is not None else (0, 0)
     grad_input = grad_weight = grad_bias = None
     if needs_input_grad:
@@ -195,8 +180,6 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
 # The launcher interface of fastdl/backends/triton.py's cross_entropy section, on
 # kernels/cuda/cross_entropy.cu: the same arguments, the same results (see the docstrings there).
 
-_ACC_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
-              torch.float64: torch.float64}
 # The most threads a block of cross_entropy_fwd may have: identical to the source's #define.
 CE_MAX_THREADS = 512
 # scale_rows: threads per block, 16-byte packs a thread takes per row, and the most rows in a grid
@@ -224,15 +207,8 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     device-side assert.
     """
     R, C = logits.shape
-    device = logits.device
     acc = _ACC_DTYPE[logits.dtype]
-    loss_rows = torch.empty((R,), device=device, dtype=acc)
-    if not compute_grad:
-        grad = torch.empty((0, 0), device=device, dtype=logits.dtype)
-    elif inplace:
-        grad = logits
-    else:
-        grad = torch.empty((R, C), device=device, dtype=logits.dtype)
+    loss_rows, grad = cross_entropy_outputs(logits, compute_grad, inplace)
     if R == 0:
         return loss_rows, grad
     if C == 0:  # every index target was ignored (validated); probabilities sum over nothing

@@ -11,6 +11,8 @@ except ImportError:  # pragma: no cover - older torch
     def _wrap(kernel):
         return kernel
 
+from fastdl.backends.common import (ACTIVATION_CODES, SAVE_KIND, cross_entropy_outputs, linear_backward_saved,
+                                    linear_outputs)
 from fastdl.kernels.triton import linear as _k
 
 _ACC_DTYPE = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
@@ -24,23 +26,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def saved_dtype(activation_code: int, dtype: torch.dtype) -> torch.dtype | None:
-    kind = _k.SAVE_KIND[activation_code]
-    return {_k.SAVE_NONE: None, _k.SAVE_MASK: torch.uint8, _k.SAVE_PREACT: dtype}[kind]
-
-
 def linear_fwd(input, weight, bias, activation, negative_slope):
     """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
     M, K = input.shape
     N = weight.shape[0]
-    code = _k.ACTIVATION_CODES[activation]
-    out = torch.empty((M, N), device=input.device, dtype=input.dtype)
-    sdt = saved_dtype(code, input.dtype)
-    saved = (torch.empty((M, N), device=input.device, dtype=sdt) if sdt is not None
-             else torch.empty((0, 0), device=input.device, dtype=input.dtype))
+    code, out, saved, writes_saved = linear_outputs(input, weight, activation)
     if M == 0 or N == 0:
         return out, saved
-    s_strides = saved.stride() if sdt is not None else (0, 0)
+    s_strides = saved.stride() if writes_saved else (0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _wrap(_k._linear_fwd)[grid](
         input, weight, bias if bias is not None else out, out, saved,
@@ -49,7 +42,7 @@ def linear_fwd(input, weight, bias, activation, negative_slope):
         bias.stride(0) if bias is not None else 0,
         out.stride(0), out.stride(1), s_strides[0], s_strides[1],
         float(negative_slope),
-        HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=_k.SAVE_KIND[code],
+        HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code],
         ACC_DTYPE=_ACC_DTYPE[input.dtype], INPUT_PRECISION=_input_precision(input.dtype),
     )
     return out, saved
@@ -60,10 +53,9 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
     """Gradients of linear_fwd; `saved` is linear_fwd's second output (or `out` for sigmoid/tanh)."""
     M, K = input.shape
     N = weight.shape[0]
-    code = _k.ACTIVATION_CODES[activation]
-    if _k.SAVE_KIND[code] == _k.SAVE_NONE and code != 0:
-        saved = out  # sigmoid and tanh differentiate through their output
-    s = saved if code != 0 else grad_out  # any (M, N) tensor; not read when there is no activation
+    code = ACTIVATION_CODES[activation]
+    s = linear_backward_saved(code, saved, out)
+    s = s if s is not None else grad_out  # any (M, N) tensor; not read when there is no activation
     acc_dtype = _ACC_DTYPE[input.dtype]
     precision = _input_precision(input.dtype)
     grad_input = grad_weight = grad_bias = None
@@ -155,8 +147,6 @@ def _grad_weight(grad_out, s, input, grad_weight, grad_bias, code, negative_slop
 #   linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias) -> None   (optional)
 from fastdl.kernels.triton import cross_entropy as _ce
 
-_TORCH_ACC_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
-                    torch.float64: torch.float64}
 
 
 def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, compute_grad,
@@ -184,13 +174,7 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     """
     R, C = logits.shape
     device = logits.device
-    loss_rows = torch.empty((R,), device=device, dtype=_TORCH_ACC_DTYPE[logits.dtype])
-    if not compute_grad:
-        grad = torch.empty((0, 0), device=device, dtype=logits.dtype)
-    elif inplace:
-        grad = logits
-    else:
-        grad = torch.empty((R, C), device=device, dtype=logits.dtype)
+    loss_rows, grad = cross_entropy_outputs(logits, compute_grad, inplace)
     if R == 0:
         return loss_rows, grad
     if C == 0:  # every index target was ignored (validated); probabilities sum over nothing

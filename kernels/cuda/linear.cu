@@ -30,7 +30,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-// Activation codes: identical to ACTIVATION_CODES in kernels/triton/linear.py.
+// Activation codes: identical to ACTIVATION_CODES in fastdl/backends/common.py.
 #define ACT_NONE 0
 #define ACT_RELU 1
 #define ACT_LEAKY_RELU 2
@@ -39,7 +39,7 @@
 #define ACT_SILU 5
 #define ACT_SIGMOID 6
 #define ACT_TANH 7
-// What the forward saves for backward: identical to SAVE_KIND in kernels/triton/linear.py.
+// What the forward saves for backward: identical to SAVE_KIND in fastdl/backends/common.py.
 #define SAVE_NONE 0
 #define SAVE_MASK 1
 #define SAVE_PREACT 2

@@ -20,13 +20,7 @@ import os
 import triton
 import triton.language as tl
 
-# Activation codes shared with the launcher (fastdl.backends.triton) and the CUDA source.
-ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4,
-                    "silu": 5, "sigmoid": 6, "tanh": 7}
-# What the forward saves for backward, per activation code.
-SAVE_NONE, SAVE_MASK, SAVE_PREACT = 0, 1, 2
-SAVE_KIND = {0: SAVE_NONE, 1: SAVE_MASK, 2: SAVE_MASK, 3: SAVE_PREACT, 4: SAVE_PREACT,
-             5: SAVE_PREACT, 6: SAVE_NONE, 7: SAVE_NONE}
+# ACTIVATION and SAVE take the codes of fastdl.backends.common (ACTIVATION_CODES, SAVE_KIND).
 
 
 def first_config_only() -> bool:
