@@ -153,7 +153,8 @@ def _fmt(value):
     return "-" if value is None else f"{value:.2e}"
 
 
-def print_table(rows, file=sys.stdout):
+def print_table(rows, file=None):
+    file = file or sys.stdout  # looked up per call: the caller may have redirected it
     header = ("op", "backend", "dtype", "shape", "check", "max abs", "max rel", "status")
     table = [header] + [(r["op"], r["backend"], r["dtype"], r["shape"], r["check"], _fmt(r["max_abs"]),
                          _fmt(r["max_rel"]), r["status"]) for r in rows]
