@@ -45,6 +45,18 @@ def _check_tensor(op: str, name: str, value, position: int) -> None:
                         f"not {type(value).__name__}")
 
 
+def _check_dense_dtypes(op: str, input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """A dense layer's tensors: one floating dtype fastdl has kernels for (torch: RuntimeError)."""
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise RuntimeError(f"fastdl.{op}: {name} dtype {t.dtype} is not supported; "
+                               f"expected one of float16, bfloat16, float32, float64")
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        got = ", ".join(f"{n}={t.dtype}" for n, t in (("input", input), ("weight", weight), ("bias", bias))
+                        if t is not None)
+        raise RuntimeError(f"fastdl.{op}: expected input, weight and bias to have the same dtype, got {got}")
+
+
 def _autocast(*tensors, to_float32: bool = False):
     """Cast as torch.autocast does: to the autocast dtype for ops on its lower-precision list (linear),
     or up to float32 for ops on its float32 list (cross_entropy). float64 is never cast."""
@@ -74,19 +86,9 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     if weight.dim() == 1 and bias is not None and input.dim() > 1:
         raise RuntimeError(f"fastdl.linear: a 1-D weight ({_shape(weight)}) takes a bias only with a 1-D input, "
                            f"got input {_shape(input)} and bias {_shape(bias)}")
-    devices = {t.device for t in (input, weight, bias) if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"fastdl.linear: expected all tensors to be on the same device, got "
-                           f"{', '.join(sorted(str(d) for d in devices))}")
+    _check_same_device("linear", input, weight, bias)
     input, weight, bias = _autocast(input, weight, bias)
-    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in FLOAT_DTYPES:
-            raise RuntimeError(f"fastdl.linear: {name} dtype {t.dtype} is not supported; "
-                               f"expected one of float16, bfloat16, float32, float64")
-    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
-        got = ", ".join(f"{n}={t.dtype}" for n, t in (("input", input), ("weight", weight), ("bias", bias))
-                        if t is not None)
-        raise RuntimeError(f"fastdl.linear: expected input, weight and bias to have the same dtype, got {got}")
+    _check_dense_dtypes("linear", input, weight, bias)
     in_features = input.shape[-1]
     if weight.shape[-1] != in_features:
         raise RuntimeError(f"fastdl.linear: input ({_shape(input)}) and weight ({_shape(weight)}) shapes "
@@ -318,14 +320,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Te
     _check_same_device(op, input, weight, bias, target)
     autocasting = input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type)
     input, weight, bias = _autocast(input, weight, bias)
-    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in FLOAT_DTYPES:
-            raise RuntimeError(f"fastdl.{op}: {name} dtype {t.dtype} is not supported; "
-                               f"expected one of float16, bfloat16, float32, float64")
-    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
-        got = ", ".join(f"{n}={t.dtype}" for n, t in (("input", input), ("weight", weight), ("bias", bias))
-                        if t is not None)
-        raise RuntimeError(f"fastdl.{op}: expected input, weight and bias to have the same dtype, got {got}")
+    _check_dense_dtypes(op, input, weight, bias)
     logits_shape = tuple(input.shape[:-1]) + (V,)
     prob = tuple(target.shape) == logits_shape
     if prob:
