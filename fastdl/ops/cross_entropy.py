@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import BACKEND_NAMES, define
+from fastdl.ops._define import BACKEND_NAMES, define, fake_dense_grads, or_empty
 
 # linear_cross_entropy's chunk: the bytes of one chunk of logits (its gradient overwrites it).
 # 256 MiB keeps the extra memory near 5% of the unfused path's at N=8192, V=128256 in bf16
@@ -69,6 +69,15 @@ def mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int
     # Clamped so an out-of-range target (caught by the kernel's assert) cannot fault here first.
     index = torch.where(valid, target, 0).clamp(0, C - 1)
     return (weight.to(dtype)[index] * valid).sum()
+
+
+def reduction_scale(reduction: str, target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int,
+               dtype: torch.dtype, device: torch.device) -> tuple[Optional[Tensor], Tensor]:
+    """("mean"'s denominator or None, the factor every row's gradient is computed with)."""
+    if reduction != "mean":
+        return None, torch.ones((), device=device, dtype=dtype)
+    denominator = mean_denominator(target, weight, ignore_index, C, dtype)
+    return denominator, torch.reciprocal(denominator)
 
 
 def _reduce(loss_rows: Tensor, reduction: str, denominator: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -128,15 +137,9 @@ def _make_cross_entropy(backend: str):
     def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                       label_smoothing: float, reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor]:
         launchers = backends.get(backend)
-        R, C = logits.shape
-        acc = acc_dtype(logits.dtype)
-        denominator = None
-        if reduction == "mean":
-            denominator = mean_denominator(target, weight, ignore_index, C, acc)
-            grad_scale = torch.reciprocal(denominator)
-        else:
-            grad_scale = torch.ones((), device=logits.device, dtype=acc)
-        loss_rows, grad = launchers.cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index,
+        denominator, scale = reduction_scale(reduction, target, weight, ignore_index, logits.shape[1],
+                                        acc_dtype(logits.dtype), logits.device)
+        loss_rows, grad = launchers.cross_entropy_fwd(logits, target, weight, scale, ignore_index,
                                                       label_smoothing, compute_grad)
         return _reduce(loss_rows, reduction, denominator, logits.dtype), grad
 
@@ -226,39 +229,26 @@ def _chunked(launchers, input, weight, bias, target, ignore_index, label_smoothi
 
 
 def _make_linear_cross_entropy(backend: str):
-    def empty_like_grad(t: Tensor) -> Tensor:
-        return t.new_empty((0,))
-
     def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                              ignore_index: int, label_smoothing: float, reduction: str, needs_input_grad: bool,
                              needs_weight_grad: bool, needs_bias_grad: bool
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        launchers = backends.get(backend)
-        acc = acc_dtype(input.dtype)
-        V = weight.shape[0]
-        denominator = None
-        if reduction == "mean":
-            denominator = mean_denominator(target, None, ignore_index, V, acc)
-            grad_scale = torch.reciprocal(denominator)
-        else:
-            grad_scale = torch.ones((), device=input.device, dtype=acc)
+        denominator, scale = reduction_scale(reduction, target, None, ignore_index, weight.shape[0],
+                                        acc_dtype(input.dtype), input.device)
         # "none": gradients need the per-row grad_output, so the backward computes them.
         grads_now = reduction != "none"
         loss_rows, grad_input, grad_weight, grad_bias = _chunked(
-            launchers, input, weight, bias, target, ignore_index, label_smoothing, grad_scale, False, True,
-            grads_now and needs_input_grad, grads_now and needs_weight_grad, grads_now and needs_bias_grad)
+            backends.get(backend), input, weight, bias, target, ignore_index, label_smoothing, scale, False,
+            True, grads_now and needs_input_grad, grads_now and needs_weight_grad, grads_now and needs_bias_grad)
         loss = _reduce(loss_rows, reduction, denominator, input.dtype)
-        return (loss, *(g if g is not None else empty_like_grad(input)
-                        for g in (grad_input, grad_weight, grad_bias)))
+        return (loss, *or_empty((grad_input, grad_weight, grad_bias), input))
 
     def linear_cross_entropy_fake(input, weight, bias, target, ignore_index, label_smoothing, reduction,
                                   needs_input_grad, needs_weight_grad, needs_bias_grad):
         loss = input.new_empty((input.shape[0],) if reduction == "none" else ())
         now = reduction != "none"
-        return (loss,
-                input.new_empty(input.shape) if now and needs_input_grad else input.new_empty((0,)),
-                weight.new_empty(weight.shape) if now and needs_weight_grad else input.new_empty((0,)),
-                weight.new_empty((weight.shape[0],)) if now and needs_bias_grad else input.new_empty((0,)))
+        return (loss, *fake_dense_grads(input, weight, now and needs_input_grad, now and needs_weight_grad,
+                                        now and needs_bias_grad))
 
     def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, bias: Optional[Tensor],
                                       target: Tensor, ignore_index: int, label_smoothing: float,
@@ -268,14 +258,11 @@ def _make_linear_cross_entropy(backend: str):
         _, grad_input, grad_weight, grad_bias = _chunked(
             backends.get(backend), input, weight, bias, target, ignore_index, label_smoothing, grad_loss, True,
             False, needs_input_grad, needs_weight_grad, needs_bias_grad)
-        return tuple(g if g is not None else empty_like_grad(input) for g in (grad_input, grad_weight, grad_bias))
+        return or_empty((grad_input, grad_weight, grad_bias), input)
 
     def linear_cross_entropy_backward_fake(grad_loss, input, weight, bias, target, ignore_index, label_smoothing,
                                            needs_input_grad, needs_weight_grad, needs_bias_grad):
-        empty = input.new_empty((0,))
-        return (input.new_empty(input.shape) if needs_input_grad else empty,
-                weight.new_empty(weight.shape) if needs_weight_grad else empty,
-                weight.new_empty((weight.shape[0],)) if needs_bias_grad else empty)
+        return fake_dense_grads(input, weight, needs_input_grad, needs_weight_grad, needs_bias_grad)
 
     fwd = define("linear_cross_entropy", backend, linear_cross_entropy, linear_cross_entropy_fake)
     bwd_none = define("linear_cross_entropy_backward", backend, linear_cross_entropy_backward,

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import BACKEND_NAMES, define
+from fastdl.ops._define import BACKEND_NAMES, define, fake_dense_grads, or_empty
 
 SAVES_OUTPUT = ("sigmoid", "tanh")
 SAVES_EXTRA = ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu")
@@ -47,15 +47,11 @@ def _make(backend: str):
         grads = backends.get(backend).linear_bwd(
             grad_out, input, weight, bias, saved, out, _act(activation), negative_slope,
             needs_input_grad, needs_weight_grad, needs_bias_grad)
-        # An op cannot return None; grads nobody asked for come back empty.
-        return tuple(g if g is not None else grad_out.new_empty((0,)) for g in grads)
+        return or_empty(grads, grad_out)
 
     def linear_backward_fake(grad_out, input, weight, bias, saved, out, activation, negative_slope,
                              needs_input_grad, needs_weight_grad, needs_bias_grad):
-        empty = grad_out.new_empty((0,))
-        return (input.new_empty(input.shape) if needs_input_grad else empty,
-                weight.new_empty(weight.shape) if needs_weight_grad else empty,
-                weight.new_empty((weight.shape[0],)) if needs_bias_grad else empty)
+        return fake_dense_grads(input, weight, needs_input_grad, needs_weight_grad, needs_bias_grad)
 
     fwd = define("linear", backend, linear, linear_fake)
     bwd = define("linear_backward", backend, linear_backward, linear_backward_fake)
