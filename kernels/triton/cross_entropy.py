@@ -49,6 +49,18 @@ def num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4 if block >= 512 else 2
 
 
+@triton.jit
+def _probability_target(t_row, weight_ptr, cols, mask, stride_tc, stride_w, eps, eps_per_class,
+                        HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """T_c for probability targets over one column block: smoothed, then class-weighted (0 when masked)."""
+    q = tl.load(t_row + cols * stride_tc, mask=mask, other=0.0).to(ACC_DTYPE)
+    if SMOOTHING:
+        q = tl.where(mask, q * (1.0 - eps) + eps_per_class, 0.0)
+    if HAS_WEIGHT:
+        q *= tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(ACC_DTYPE)
+    return q
+
+
 @triton.jit(debug=True)
 def _cross_entropy_fwd(
     logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, smoothing_ptr, grad_scale_ptr, loss_ptr, grad_ptr,
@@ -95,11 +107,8 @@ def _cross_entropy_fwd(
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
         if PROB_TARGET:
-            q = tl.load(t_row + cols * stride_tc, mask=mask, other=0.0).to(ACC_DTYPE)
-            if SMOOTHING:
-                q = tl.where(mask, q * (1.0 - eps) + eps_per_class, 0.0)
-            if HAS_WEIGHT:
-                q *= tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(ACC_DTYPE)
+            q = _probability_target(t_row, weight_ptr, cols, mask, stride_tc, stride_w, eps, eps_per_class,
+                                    HAS_WEIGHT, SMOOTHING, ACC_DTYPE)
             b += tl.sum(q, axis=0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(s)
@@ -133,11 +142,8 @@ def _cross_entropy_fwd(
             # Masked lanes are 0 here so every product below stays finite (0 * -inf is nan).
             x_shifted = tl.where(mask, x - shift, 0.0)
             if PROB_TARGET:
-                t_dist = tl.load(t_row + cols * stride_tc, mask=mask, other=0.0).to(ACC_DTYPE)
-                if SMOOTHING:
-                    t_dist = tl.where(mask, t_dist * (1.0 - eps) + eps_per_class, 0.0)
-                if HAS_WEIGHT:
-                    t_dist *= tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(ACC_DTYPE)
+                t_dist = _probability_target(t_row, weight_ptr, cols, mask, stride_tc, stride_w, eps, eps_per_class,
+                                             HAS_WEIGHT, SMOOTHING, ACC_DTYPE)
                 row_sum += tl.sum(t_dist * x_shifted, axis=0)
             else:
                 t_dist = tl.where(cols == target, (1.0 - eps) * w_target, 0.0)
