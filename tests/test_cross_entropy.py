@@ -139,10 +139,10 @@ def test_triton_large_logits_and_minus_inf(dtype):
         assert_close(xx.grad, ref.backward(_np(grad_out), saved)[0], dtype, name="grad_input")
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_infinities_and_nans_where_torch_has_them(backend):
-    # Target at -inf: loss inf, gradient finite. Smoothing over a row with -inf: loss inf.
-    # An all -inf row: nan (even ignored, its gradient is 0 * nan), as torch.
+def check_infinities_and_nans_match_torch(backend):
+    """Target at -inf: loss inf, gradient finite. Smoothing over a row with -inf: loss inf.
+    An all -inf row: nan (even ignored, its gradient is 0 * nan), as torch. Shared with the
+    emulated CUDA kernels' tests."""
     x = make_tensor((4, 6), torch.float64, seed=8)
     x[1, 2:] = -float("inf")
     x[3] = -float("inf")
@@ -158,6 +158,11 @@ def test_infinities_and_nans_where_torch_has_them(backend):
         (expected, expected_grad), (loss, grad) = results
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_infinities_and_nans_where_torch_has_them(backend):
+    check_infinities_and_nans_match_torch(backend)
 
 
 @pytest.mark.parametrize("kind", list(TARGET_KINDS))

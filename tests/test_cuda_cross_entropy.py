@@ -27,7 +27,8 @@ from fastdl.backends import reference as reference_backend
 from fastdl.ops import cross_entropy as ce_ops
 from fastdl.reference import cross_entropy as ref
 from fastdl.testing import assert_close, make_tensor
-from test_cross_entropy import REDUCTIONS, TARGET_KINDS, make_target, run_cross_entropy
+from test_cross_entropy import (REDUCTIONS, TARGET_KINDS, check_infinities_and_nans_match_torch, make_target,
+                                run_cross_entropy)
 from test_linear_cross_entropy import run_linear_cross_entropy
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -160,23 +161,7 @@ def test_emulated_large_logits_and_minus_inf(emulated_functional, dtype):
 
 
 def test_emulated_infinities_and_nans_where_torch_has_them(emulated_functional):
-    # Target at -inf: loss inf, gradient finite. Smoothing over a row with -inf: loss inf.
-    # An all -inf row: nan (even ignored, its gradient is 0 * nan), as torch.
-    x = make_tensor((4, 6), torch.float64, seed=8)
-    x[1, 2:] = -float("inf")
-    x[3] = -float("inf")
-    target = torch.tensor([0, 4, 1, -100])
-    for smoothing in (0.0, 0.1):
-        results = []
-        for fn in (F.cross_entropy, fastdl.functional.cross_entropy):
-            xx = x.clone().requires_grad_()
-            with fastdl.use_backend("cupy"):
-                loss = fn(xx, target, reduction="none", label_smoothing=smoothing)
-            loss.backward(torch.ones(4, dtype=torch.float64))
-            results.append((loss.detach(), xx.grad))
-        (expected, expected_grad), (loss, grad) = results
-        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12, equal_nan=True)
+    check_infinities_and_nans_match_torch("cupy")
     # Every row ignored under "mean": the loss is 0 / 0, the gradient scale 1 / 0; ignored rows
     # are scaled by 0 instead, so the gradient is 0, as torch's.
     x = make_tensor((3, 6), torch.float64, seed=8, requires_grad=True)
