@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdl
-from fastdl.bench.core import DTYPES, OpSpec, Workload, random_tensor, register
+from fastdl.bench.spec import DTYPES, OpSpec, Workload, random_tensor, register
 
 # (N, V), the headline first: N=8192 rows of a 128256-token vocabulary (Llama 3's).
 CE_SHAPES = ((8192, 128256), (4096, 32000), (8192, 32000), (16384, 32000), (4096, 128256),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdl
-from fastdl.bench.core import DTYPES, OpSpec, Workload, random_tensor, register
+from fastdl.bench.spec import DTYPES, OpSpec, Workload, random_tensor, register
 
 SQUARE_SIZES = (256, 512, 1024, 2048, 4096, 8192)
 QUICK_SQUARE_SIZES = (1024, 8192)
