@@ -35,6 +35,7 @@ import torch
 
 from fastdl import nvrtc
 from fastdl.backends import cupy as cupy_backend
+from fastdl.backends.cupy import _runtime as cupy_runtime
 
 PRELUDE = r"""
 #include <algorithm>
@@ -193,7 +194,7 @@ def build(stem: str):
 
 
 def launch(name, like, num_blocks, args, stem="linear", threads=cupy_backend.THREADS):
-    """cupy_backend._launch's signature, run by the emulation on CPU tensors."""
+    """cupy_runtime.launch's signature, run by the emulation on CPU tensors."""
     functions = build(stem)
     if isinstance(functions, str):
         pytest.skip(functions)
@@ -211,7 +212,7 @@ def launch(name, like, num_blocks, args, stem="linear", threads=cupy_backend.THR
 @pytest.fixture
 def emulated_backend(monkeypatch):
     """fastdl.backends.cupy with its launches run by the host emulation, on CPU tensors."""
-    monkeypatch.setattr(cupy_backend, "_launch", launch)
+    monkeypatch.setattr(cupy_runtime, "launch", launch)
     return cupy_backend
 
 

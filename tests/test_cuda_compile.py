@@ -22,6 +22,7 @@ from cuda_emulation import emulated_backend  # noqa: F401 (a fixture)
 from fastdl import nvrtc
 from fastdl.backends import common
 from fastdl.backends import cupy as cupy_backend
+from fastdl.backends.cupy import _runtime as cupy_runtime
 from fastdl.reference import linear as ref
 from fastdl.testing import assert_close, make_tensor, tolerance
 
@@ -85,7 +86,7 @@ def test_backend_imports_without_cupy_and_names_the_extras(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
     with pytest.raises(RuntimeError, match=r"fastdl\[cuda12\].*fastdl\[cuda13\]"):
-        cupy_backend._cupy()
+        cupy_runtime._cupy()
 
 
 # ---------------------------------------------------------------------------------------------

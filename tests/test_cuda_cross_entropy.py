@@ -23,6 +23,7 @@ import fastdl
 from cuda_emulation import EmulatedDeviceAssert, emulated_backend, emulated_functional  # noqa: F401 (fixtures)
 from fastdl import nvrtc
 from fastdl.backends import cupy as cupy_backend
+from fastdl.backends.cupy import cross_entropy as cupy_ce
 from fastdl.backends import reference as reference_backend
 from fastdl.ops import cross_entropy as ce_ops
 from fastdl.reference import cross_entropy as ref
@@ -40,11 +41,11 @@ def _np(t):
 
 def test_geometry_matches_the_source():
     source = nvrtc.read_source("cross_entropy")
-    assert int(re.search(r"#define CE_MAX_THREADS (\d+)", source).group(1)) == cupy_backend.CE_MAX_THREADS
+    assert int(re.search(r"#define CE_MAX_THREADS (\d+)", source).group(1)) == cupy_ce.CE_MAX_THREADS
     assert "cross_entropy.cu" in [p.name for p in nvrtc.cuda_sources()]
     # Whole warps, at most CE_MAX_THREADS, about 16 columns a thread.
     for C, threads in [(1, 32), (7, 32), (1000, 64), (5003, 512), (262144, 512)]:
-        assert cupy_backend.row_threads(C) == threads
+        assert cupy_ce.row_threads(C) == threads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +197,8 @@ def test_emulated_bad_target_trips_the_device_assert(emulated_backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_scale_rows(emulated_backend, monkeypatch, dtype):
     # Two rows per grid row (the row walk past gridDim.y), several column blocks per row.
-    monkeypatch.setattr(cupy_backend, "MAX_GRID_Y", 2)
-    monkeypatch.setattr(cupy_backend, "SCALE_ROWS_PACKS", 1)
+    monkeypatch.setattr(cupy_ce, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(cupy_ce, "SCALE_ROWS_PACKS", 1)
     x = lambda: make_tensor((5, 2500), dtype, seed=1)  # noqa: E731
     cases = {
         "scalar": (x(), torch.tensor(0.3)),

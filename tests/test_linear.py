@@ -68,9 +68,9 @@ def test_triton_noncontiguous_inputs_and_grad(dtype, activation):
 @pytest.mark.parametrize("splits", [3, 5])  # 3: one row block each; 5: more splits than row blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_grad_weight_split_over_rows(monkeypatch, dtype, splits):
-    from fastdl.backends import triton as triton_backend
+    from fastdl.backends.triton import linear as triton_linear
 
-    monkeypatch.setattr(triton_backend, "GRAD_WEIGHT_SPLITS", splits)
+    monkeypatch.setattr(triton_linear, "GRAD_WEIGHT_SPLITS", splits)
     run_linear("triton", dtype, (130, 100, 65), "gelu", noncontiguous=True)
 
 

@@ -36,7 +36,7 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
 
 
 # --- cross_entropy ---
-# The same launcher interface as fastdl/backends/triton.py's cross_entropy section.
+# The same launcher interface as fastdl/backends/triton/cross_entropy.py.
 from fastdl.reference import cross_entropy as _cross_entropy  # noqa: E402
 
 

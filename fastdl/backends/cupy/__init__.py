@@ -1,0 +1,7 @@
+"""The cupy backend: CUDA C (kernels/cuda/<op>.cu) through CuPy, one launcher module per op, re-exported
+here as the launcher interface fastdl.ops calls. `cupy` itself is imported on the first launch only,
+so this package imports on machines without it."""
+from fastdl.backends.cupy._runtime import BLOCK_COLS, BLOCK_ROWS, NAME_EXPRESSIONS, SOURCE_PRELUDES, THREADS  # noqa: F401
+from fastdl.backends.cupy.linear import linear_bwd, linear_fwd  # noqa: F401
+from fastdl.backends.cupy.cross_entropy import (cross_entropy_bwd, cross_entropy_fwd,  # noqa: F401
+                                                linear_grad_weight_accumulate)

@@ -1,0 +1,110 @@
+"""What the CuPy launchers share (kernels/cuda/*.cu): compiling, pointers, and launching on torch's stream.
+
+The launchers (linear.py, cross_entropy.py) allocate outputs with torch, launch, return torch tensors.
+
+Tensors cross over as raw device pointers (tensor.data_ptr(), offset included) with their
+strides, so nothing is copied, any layout works, and bfloat16 needs no CuPy dtype. Kernels run
+on torch's current stream and device, so they order with the torch work around them exactly
+like a torch op would. Each source is compiled once per device, on first use, by NVRTC through
+cupy.RawModule; `cupy` is imported only then, so this module imports on machines without it.
+CuPy compiles with -ftz=true (float32 denormals flush to zero), which torch's kernels do not.
+Inputs were validated upstream (fastdl.functional).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+
+# The element type each kernel template is instantiated for.
+CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
+              torch.float64: "double"}
+LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight")
+CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows", "linear_grad_weight_accumulate")
+# Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
+NAME_EXPRESSIONS = {
+    stem: tuple(f"{kernel}<{ctype}>" for kernel in kernels for ctype in CUDA_TYPES.values())
+    for stem, kernels in (("linear", LINEAR_KERNELS), ("cross_entropy", CROSS_ENTROPY_KERNELS))
+}
+# Per source stem: the sources compiled before it in the same module (cross_entropy.cu uses
+# linear.cu's element types and tiled matmul).
+SOURCE_PRELUDES = {"cross_entropy": ("linear",)}
+# The kernels' fixed geometry: 64 x 64 output tiles, 256 threads per block.
+BLOCK_ROWS = BLOCK_COLS = 64
+THREADS = 256
+
+_INSTALL_HINT = ("fastdl's cupy backend needs CuPy: pip install fastdl[cuda12] (CUDA 12) "
+                 "or pip install fastdl[cuda13] (CUDA 13)")
+
+_lock = threading.Lock()
+_functions: dict[tuple[str, int, str], object] = {}  # (stem, device index, name expression)
+_modules: dict[tuple[str, int], object] = {}
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise RuntimeError(_INSTALL_HINT) from exc
+    return cupy
+
+
+def _compile_options(cupy) -> tuple[str, ...]:
+    from fastdl import nvrtc
+
+    try:
+        version = tuple(int(v) for v in cupy.cuda.nvrtc.getVersion())
+    except Exception:  # noqa: BLE001 - without a version any header directory is a guess
+        version = None
+    # CuPy finds the CUDA headers itself in most setups; this adds the best match we know of for
+    # CuPy's NVRTC (the nvidia-cuda-runtime wheel, CUDA_PATH, /usr/local/cuda), for cuda_bf16.h,
+    # and only one of the same CUDA major: headers of another major could break a working setup.
+    return tuple(nvrtc.OPTIONS) + nvrtc.header_options(version, same_major_only=True)
+
+
+def _function(stem: str, device_index: int, expression: str):
+    key = (stem, device_index, expression)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    cupy = _cupy()
+    from fastdl import nvrtc
+
+    with _lock:
+        module = _modules.get((stem, device_index))
+        with cupy.cuda.Device(device_index):
+            if module is None:
+                module = cupy.RawModule(code=nvrtc.module_source(stem), options=_compile_options(cupy),
+                                        name_expressions=NAME_EXPRESSIONS[stem])
+                _modules[(stem, device_index)] = module
+            fn = module.get_function(expression)  # compiles for this device's arch on first use
+        _functions[key] = fn
+    return fn
+
+
+def ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(t.data_ptr() if t is not None else 0)
+
+
+def i64(*values) -> list[np.int64]:
+    return [np.int64(v) for v in values]
+
+
+def launch(name: str, like: torch.Tensor, num_blocks: int | tuple[int, ...], args: tuple,
+            stem: str = "linear", threads: int = THREADS) -> None:
+    """name<like's type> from kernels/cuda/<stem>.cu on like's device and torch's current stream."""
+    cupy = _cupy()
+    device = like.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _function(stem, index, f"{name}<{CUDA_TYPES[like.dtype]}>")
+    grid = num_blocks if isinstance(num_blocks, tuple) else (num_blocks,)
+    with cupy.cuda.Device(index):
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        with stream:
+            fn(grid, (threads,), args)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

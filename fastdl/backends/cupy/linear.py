@@ -1,0 +1,74 @@
+"""CuPy launchers for linear (kernels/cuda/linear.cu). Inputs were validated upstream."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastdl.backends.common import ACTIVATION_CODES, linear_backward_saved, linear_outputs
+from fastdl.backends.cupy import _runtime as rt
+from fastdl.backends.cupy._runtime import BLOCK_COLS, BLOCK_ROWS
+
+
+def linear_fwd(input, weight, bias, activation, negative_slope):
+    """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
+    M, K = input.shape
+    N = weight.shape[0]
+    code, out, saved, writes_saved = linear_outputs(input, weight, activation)
+    if M == 0 or N == 0:
+        return out, saved
+    s_strides = saved.stride() if writes_saved else (0, 0)
+    rt.launch("linear_fwd", input, rt.cdiv(M, BLOCK_ROWS) * rt.cdiv(N, BLOCK_COLS), (
+        rt.ptr(input), rt.ptr(weight), rt.ptr(bias), rt.ptr(out), rt.ptr(saved if writes_saved else None),
+        *rt.i64(M, N, K,
+              input.stride(0), input.stride(1), weight.stride(0), weight.stride(1),
+              bias.stride(0) if bias is not None else 0,
+              out.stride(0), out.stride(1), s_strides[0], s_strides[1]),
+        np.float64(negative_slope), np.int32(bias is not None), np.int32(code),
+    ))
+    return out, saved
+
+
+def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_slope,
+               needs_input_grad, needs_weight_grad, needs_bias_grad):
+    """Gradients of linear_fwd; `saved` is linear_fwd's second output (or `out` for sigmoid/tanh)."""
+    M, K = input.shape
+    N = weight.shape[0]
+    code = ACTIVATION_CODES[activation]
+    s = linear_backward_saved(code, saved, out)  # None: not read without an activation
+    s_strides = s.stride() if s is not None else (0, 0)
+    grad_input = grad_weight = grad_bias = None
+    if needs_input_grad:
+        grad_input = torch.empty((M, K), device=input.device, dtype=input.dtype)
+        if M > 0 and K > 0:
+            if N == 0:
+                grad_input.zero_()
+            else:
+                rt.launch("linear_bwd_input", input, rt.cdiv(M, BLOCK_ROWS) * rt.cdiv(K, BLOCK_COLS), (
+                    rt.ptr(grad_out), rt.ptr(s), rt.ptr(weight), rt.ptr(grad_input),
+                    *rt.i64(M, N, K,
+                          grad_out.stride(0), grad_out.stride(1), s_strides[0], s_strides[1],
+                          weight.stride(0), weight.stride(1), grad_input.stride(0), grad_input.stride(1)),
+                    np.float64(negative_slope), np.int32(code),
+                ))
+    if needs_weight_grad or needs_bias_grad:
+        if needs_weight_grad:
+            grad_weight = torch.empty((N, K), device=input.device, dtype=weight.dtype)
+        if needs_bias_grad:
+            grad_bias = torch.empty((N,), device=input.device, dtype=weight.dtype)
+        if M == 0:
+            for grad in (grad_weight, grad_bias):
+                if grad is not None:
+                    grad.zero_()
+        elif N > 0:
+            # Bias only: run with K = 0, so only the k-tile-0 blocks run and grad_weight is never
+            # written. At least one k-tile either way, so the bias column runs even when K == 0.
+            k_run = K if needs_weight_grad else 0
+            w_strides = grad_weight.stride() if grad_weight is not None else (0, 0)
+            rt.launch("linear_bwd_weight", input, rt.cdiv(N, BLOCK_ROWS) * max(1, rt.cdiv(k_run, BLOCK_COLS)), (
+                rt.ptr(grad_out), rt.ptr(s), rt.ptr(input), rt.ptr(grad_weight), rt.ptr(grad_bias),
+                *rt.i64(M, N, k_run,
+                      grad_out.stride(0), grad_out.stride(1), s_strides[0], s_strides[1],
+                      input.stride(0), input.stride(1), w_strides[0], w_strides[1]),
+                np.float64(negative_slope), np.int32(needs_bias_grad), np.int32(code),
+            ))
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,117 @@
+"""Triton launchers for cross_entropy and linear_cross_entropy (kernels/triton/cross_entropy.py).
+
+The launcher interface every backend implements for them (fastdl/ops/cross_entropy.py is the only
+caller; it has validated everything):
+
+  cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+                    compute_grad, inplace=False) -> (loss_rows, grad_logits)
+  cross_entropy_bwd(grad_logits, scale) -> None                     (in place)
+  linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias) -> None   (optional)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from fastdl.backends.common import cross_entropy_outputs
+from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, wrap_triton
+from fastdl.kernels.triton import cross_entropy as _ce
+
+# The launcher interface every backend implements for cross_entropy and linear_cross_entropy
+# (fastdl/ops/cross_entropy.py is the only caller; it has validated everything):
+#
+#   cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+#                     compute_grad, inplace=False) -> (loss_rows, grad_logits)
+#   cross_entropy_bwd(grad_logits, scale) -> None                     (in place)
+#   linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias) -> None   (optional)
+
+
+
+def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, compute_grad,
+                      inplace=False):
+    """Per-row softmax cross-entropy and its gradient, one program per row (see kernels/triton/cross_entropy.py).
+
+    logits      (R, C) float16 / bfloat16 / float32 / float64, any strides (C may be 0).
+    target      (R,) int64 class indices in [0, C) or == ignore_index; or (R, C) probabilities in
+                logits' dtype (ignore_index is then unused), any strides.
+    weight      (C,) class weights in logits' dtype, or None.
+    grad_scale  float32 (float64 for float64 logits) tensor of shape () or (R,): row r's gradient
+                is multiplied by grad_scale (grad_scale[r]); ignored rows are multiplied by 0.
+    label_smoothing  float in [0, 1]; 0 disables it.
+    compute_grad     False: no gradient is written (and plain class-index rows are read once).
+    inplace          True: the gradient overwrites `logits` (same strides) and `logits` is returned
+                     as grad_logits. Only for logits the caller owns (linear_cross_entropy's chunks).
+
+    Returns loss_rows (R,) in float32 (float64 for float64 logits): row r's loss before any
+    reduction, 0 for an ignored row; and grad_logits (R, C) in logits' dtype holding
+    grad_scale[r] * d loss_r / d logits[r] (contiguous unless inplace), or a (0, 0) tensor when
+    compute_grad is False.
+
+    A class index outside [0, C) that is not ignore_index fails a device-side assert; the host
+    never syncs to check it here (the functional layer does on CPU, or with FASTDL_CHECK_TARGETS=1).
+    """
+    R, C = logits.shape
+    device = logits.device
+    loss_rows, grad = cross_entropy_outputs(logits, compute_grad, inplace)
+    if R == 0:
+        return loss_rows, grad
+    if C == 0:  # every index target was ignored (validated); probabilities sum over nothing
+        loss_rows.zero_()
+        return loss_rows, grad
+    prob = target.dim() == 2
+    smoothing = label_smoothing > 0.0
+    weight_sum = (weight.sum(dtype=loss_rows.dtype) if weight is not None and smoothing and not prob
+                  else loss_rows)  # not read otherwise
+    # As a tensor: a float kernel argument is fp32, too coarse for float64 logits.
+    smoothing_t = torch.full((), label_smoothing, device=device, dtype=loss_rows.dtype) if smoothing else loss_rows
+    block = _ce.block_c(C)
+    g = grad if compute_grad else logits  # not written when compute_grad is False
+    wrap_triton(_ce._cross_entropy_fwd)[(R,)](
+        logits, target, weight if weight is not None else logits, weight_sum, smoothing_t, grad_scale, loss_rows, g,
+        C,
+        logits.stride(0), logits.stride(1), target.stride(0), target.stride(1) if prob else 0,
+        weight.stride(0) if weight is not None else 0, grad_scale.stride(0) if grad_scale.dim() else 0,
+        g.stride(0), g.stride(1),
+        int(ignore_index),
+        PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTHING=smoothing, COMPUTE_GRAD=bool(compute_grad),
+        ACC_DTYPE=ACC_DTYPE[logits.dtype], BLOCK_C=block, num_warps=_ce.num_warps(block),
+    )
+    return loss_rows, grad
+
+
+def cross_entropy_bwd(grad_logits, scale):
+    """In place: grad_logits[r, :] *= scale (shape ()) or scale[r] (shape (R,)); any float dtypes.
+
+    cross_entropy's backward (grad_output per row for reduction="none") and the final scaling of
+    linear_cross_entropy's gradients. A 1-D grad_logits is treated as one row.
+    """
+    x = grad_logits if grad_logits.dim() == 2 else grad_logits.view(1, -1)
+    R, C = x.shape
+    if R == 0 or C == 0:
+        return
+    block = min(1024, triton.next_power_of_2(C))
+    wrap_triton(_ce._scale_rows)[(R, triton.cdiv(C, block))](
+        x, scale, C, x.stride(0), x.stride(1), scale.stride(0) if scale.dim() else 0,
+        ACC_DTYPE=ACC_DTYPE[x.dtype], BLOCK_C=block, num_warps=4,
+    )
+
+
+def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):
+    """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
+
+    grad_out (M, N), input (M, K) in the same dtype; grad_weight (N, K) in any float dtype;
+    grad_bias (N,) contiguous or None.
+    """
+    M, K = input.shape
+    N = grad_weight.shape[0]
+    if M == 0 or N == 0:
+        return
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])),)
+    wrap_triton(_ce._linear_grad_weight_accumulate)[grid](
+        grad_out, input, grad_weight, grad_bias if grad_bias is not None else grad_weight,
+        M, N, K,
+        grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
+        grad_weight.stride(0), grad_weight.stride(1),
+        HAS_BIAS=grad_bias is not None, ACC_DTYPE=ACC_DTYPE[input.dtype],
+        INPUT_PRECISION=input_precision(input.dtype),
+    )

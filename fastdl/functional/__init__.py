@@ -1,0 +1,17 @@
+"""torch.nn.functional-compatible entry points, with fused extras (activation=), one module per op.
+
+Everything a caller can get wrong is checked here, once, before anything is allocated or
+written, with the exception type torch raises for the same mistake (the shared checks live in
+_checks.py). Backends trust their inputs.
+
+Each op's module has the op's name, and the package re-exports the function under that name, so
+`fastdl.functional.linear` is the function (as torch.nn.functional.linear is); the module is
+`sys.modules["fastdl.functional.linear"]`.
+"""
+from fastdl.functional._checks import (ACTIVATIONS, CHECK_TARGETS_ENV, FLOAT_DTYPES, _TORCH_ACTIVATIONS,  # noqa: F401
+                                       check_activation)
+from fastdl.functional.linear import linear  # noqa: E402
+from fastdl.functional.cross_entropy import cross_entropy  # noqa: E402
+from fastdl.functional.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+
+__all__ = ["linear", "cross_entropy", "linear_cross_entropy", "ACTIVATIONS", "check_activation"]

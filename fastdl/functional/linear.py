@@ -1,0 +1,63 @@
+"""fastdl.functional.linear: torch.nn.functional.linear's semantics with a fused activation."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastdl import backends
+from fastdl.functional._checks import (_TORCH_ACTIVATIONS, _autocast, _check_dense_dtypes, _check_same_device,
+                                       _check_tensor, _shape, check_activation)
+from fastdl.ops.linear import OPS as _LINEAR_OPS
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
+           negative_slope: float = 0.01) -> Tensor:
+    """act(input @ weight.T + bias), with torch.nn.functional.linear's semantics and the activation fused."""
+    check_activation("linear", activation)
+    _check_tensor("linear", "input", input, 1)
+    _check_tensor("linear", "weight", weight, 2)
+    if bias is not None:
+        _check_tensor("linear", "bias", bias, 3)
+    if input.dim() == 0 or weight.dim() == 0:
+        raise RuntimeError(f"fastdl.linear: input and weight need at least 1 dimension, got input "
+                           f"{_shape(input)} and weight {_shape(weight)}")
+    if weight.dim() > 2:
+        raise RuntimeError(f"fastdl.linear: weight must be 1-D or 2-D, got {_shape(weight)}")
+    if weight.dim() == 1 and bias is not None and input.dim() > 1:
+        raise RuntimeError(f"fastdl.linear: a 1-D weight ({_shape(weight)}) takes a bias only with a 1-D input, "
+                           f"got input {_shape(input)} and bias {_shape(bias)}")
+    _check_same_device("linear", input, weight, bias)
+    input, weight, bias = _autocast(input, weight, bias)
+    _check_dense_dtypes("linear", input, weight, bias)
+    in_features = input.shape[-1]
+    if weight.shape[-1] != in_features:
+        raise RuntimeError(f"fastdl.linear: input ({_shape(input)}) and weight ({_shape(weight)}) shapes "
+                           f"cannot be multiplied: {in_features} input features, weight has {weight.shape[-1]}")
+    weight_2d = weight if weight.dim() == 2 else weight.unsqueeze(0)
+    out_features = weight_2d.shape[0]
+    out_shape = input.shape[:-1] + ((out_features,) if weight.dim() == 2 else ())
+    row_bias = None
+    if bias is not None:
+        try:
+            ok = torch.broadcast_shapes(bias.shape, out_shape) == out_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"fastdl.linear: bias ({_shape(bias)}) does not broadcast to the output "
+                               f"({_shape(input)} @ {_shape(weight)}.T -> {'x'.join(map(str, out_shape))})")
+        squeezed = tuple(bias.shape[next((i for i, d in enumerate(bias.shape) if d != 1), bias.dim()):])
+        if bias.numel() == 1:
+            row_bias = bias.reshape(1).expand(out_features)
+        elif weight.dim() == 2 and squeezed == (out_features,):
+            row_bias = bias.reshape(out_features)
+    backend = backends.resolve(input.device)
+    op = _LINEAR_OPS[backend]
+    input_2d = input.reshape(math.prod(input.shape[:-1]), in_features)
+    if bias is not None and row_bias is None:
+        # A bias that differs between rows cannot ride in the epilogue; add it unfused.
+        z, _ = op(input_2d, weight_2d, None, "none", 0.0)
+        return _TORCH_ACTIVATIONS[activation](z.reshape(out_shape) + bias, negative_slope)
+    out, _ = op(input_2d, weight_2d, row_bias, activation or "none", float(negative_slope))
+    return out.reshape(out_shape)
