@@ -1,18 +1,68 @@
-"""What every Triton launcher shares: the launch wrapper torch.compile sees through, accumulator dtypes
-and the matmul input precision."""
+"""What every Triton launcher shares: the launch wrapper, the interpreter's bf16 policy, accumulator
+dtypes and the matmul input precision.
+
+Two rules for running on CPU tensors through Triton's interpreter live here and nowhere else:
+
+- Launches are serialized. The interpreter patches triton.language while a kernel runs, so two
+  threads interpreting at once crash ("Did you forget to add @triton.jit"). `wrap_triton`, which
+  every launcher launches through (``wrap_triton(kernel)[grid](...)``), holds one process-wide lock
+  around each launch when interpreting; on a GPU it is torch.library.wrap_triton, unchanged, so
+  torch.compile sees the kernels.
+- bf16 under the interpreter is computed in float32 and rounded to bf16 at each launcher's
+  boundary, which is what the GPU kernels do (fp32 accumulation, one rounding) except that the GPU
+  rounds intermediates the interpreter keeps in float32 only where a launcher passes bf16 between
+  kernels internally. (The interpreter's own bf16 loads and tl.dot are wrong: a linear that torch
+  computes as ~6 came back as ~1e10.) Every public launcher carries `@interpreter_bf16(...)`,
+  declaring which of its results are in the input's dtype and which arguments it writes; on a GPU
+  the decorator calls the launcher as it is.
+"""
 from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from dataclasses import dataclass
 
 import torch
 import triton.language as tl
 
+from fastdl.backends import triton_interpreting
+
 try:  # torch >= 2.6: lets torch.compile see through the launch (torch.library.triton_op).
-    from torch.library import wrap_triton
+    from torch.library import wrap_triton as _torch_wrap_triton
 except ImportError:  # pragma: no cover - older torch
-    def wrap_triton(kernel):
+    def _torch_wrap_triton(kernel):
         return kernel
 
 ACC_DTYPE = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
              torch.float64: tl.float64}
+
+# Re-entrant: a launch that launches (an autotuner's trial runs) must not deadlock on itself.
+INTERPRETER_LOCK = threading.RLock()
+
+
+class _SerializedLaunch:
+    """``kernel[grid](...)`` with INTERPRETER_LOCK held for the whole launch (autotuning included)."""
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self._kernel[grid]
+
+        def locked(*args, **kwargs):
+            with INTERPRETER_LOCK:
+                return launch(*args, **kwargs)
+
+        return locked
+
+
+def wrap_triton(kernel):
+    """What every launcher launches through: ``wrap_triton(kernel)[grid](*args, **constexprs)``."""
+    wrapped = _torch_wrap_triton(kernel)
+    if triton_interpreting():
+        return _SerializedLaunch(wrapped)
+    return wrapped
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -20,3 +70,93 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+# --- bf16 under the interpreter --------------------------------------------------------------------
+
+RESULT_KINDS = ("io", "acc", "other")
+
+
+@dataclass(frozen=True)
+class Bf16Policy:
+    """How a launcher's bf16 call runs under the interpreter.
+
+    results  one kind per returned tensor (a launcher returning one tensor or None declares ()
+             or one kind): "io" is in the inputs' dtype (its float32 result is rounded to bf16),
+             "acc" is an accumulator dtype (float32 either way, returned as is), "other" is not a
+             float result (a uint8 mask) and is returned as is.
+    mutates  names of the arguments the launcher may write in place (in some modes only, e.g.
+             inplace=True or out=None). A bf16 one runs as a float32 copy that is copied back into
+             the caller's tensor when the launch changed it, and a returned copy is replaced by the
+             caller's tensor. Any other bf16 argument the launch changed is a bug: it raises. A
+             name the signature lacks is allowed (an `out=` the launcher is growing): a misspelt
+             name leaves the real argument undeclared, which then raises at its first write.
+    """
+    results: tuple[str, ...] = ()
+    mutates: tuple[str, ...] = ()
+
+
+def interpreter_bf16(results=(), mutates=()):
+    """Declare a launcher's result dtypes and written arguments; under the interpreter, run bf16 in
+    float32 (see the module docstring). Sets ``launcher.interpreter_bf16`` to its Bf16Policy."""
+    results, mutates = tuple(results), tuple(mutates)
+    for kind in results:
+        if kind not in RESULT_KINDS:
+            raise ValueError(f"fastdl: result kind {kind!r} is not one of {RESULT_KINDS}")
+    policy = Bf16Policy(results, mutates)
+
+    def decorate(launcher):
+        signature = inspect.signature(launcher)
+
+        @functools.wraps(launcher)
+        def run(*args, **kwargs):
+            if not triton_interpreting():
+                return launcher(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            originals = {name: value for name, value in bound.arguments.items()
+                         if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16}
+            if not originals:
+                return launcher(*args, **kwargs)
+            copies = {name: value.to(torch.float32) for name, value in originals.items()}
+            bound.arguments.update(copies)
+            out = launcher(*bound.args, **bound.kwargs)
+            _write_back(launcher, policy, originals, copies)
+            return _round_results(policy, out, originals, copies)
+
+        run.interpreter_bf16 = policy
+        return run
+
+    return decorate
+
+
+def _write_back(launcher, policy, originals, copies):
+    for name, copy in copies.items():
+        original = originals[name]
+        # Compared bitwise, so an untouched argument is neither written nor has its version bumped
+        # (autograd would then reject a second backward through a tensor it saved).
+        if torch.equal(copy.to(torch.bfloat16).view(torch.int16), original.view(torch.int16)):
+            continue
+        if name not in policy.mutates:
+            raise RuntimeError(f"fastdl internal error: {launcher.__qualname__} wrote its argument {name!r}, which its "
+                               "@interpreter_bf16 does not declare in mutates=")
+        original.copy_(copy)
+
+
+def _round_results(policy, out, originals, copies):
+    originals_of = {id(copy): originals[name] for name, copy in copies.items()}
+    single = not isinstance(out, tuple)
+    values = (out,) if single else out
+    if single and out is None:
+        return None
+    kinds = policy.results if len(policy.results) == len(values) else None
+    if kinds is None:
+        raise RuntimeError(f"fastdl internal error: a launcher returned {len(values)} results but its "
+                           f"@interpreter_bf16 declares {len(policy.results)} ({policy.results})")
+    rounded = []
+    for value, kind in zip(values, kinds):
+        if isinstance(value, torch.Tensor) and id(value) in originals_of:
+            value = originals_of[id(value)]  # the caller's tensor, written back above
+        elif kind == "io" and isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            value = value.to(torch.bfloat16)
+        rounded.append(value)
+    return rounded[0] if single else tuple(rounded)

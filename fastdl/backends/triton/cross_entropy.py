@@ -15,6 +15,7 @@ import triton
 
 from fastdl.backends.common import cross_entropy_outputs
 from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, wrap_triton
+from fastdl.backends.triton._launch import interpreter_bf16
 from fastdl.kernels.triton import cross_entropy as _ce
 
 # The launcher interface every backend implements for cross_entropy and linear_cross_entropy
@@ -27,6 +28,7 @@ from fastdl.kernels.triton import cross_entropy as _ce
 
 
 
+@interpreter_bf16(results=("acc", "io"), mutates=("logits",))  # loss_rows, grad_logits; logits if inplace
 def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, compute_grad,
                       inplace=False):
     """Per-row softmax cross-entropy and its gradient, one program per row (see kernels/triton/cross_entropy.py).
@@ -79,6 +81,7 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     return loss_rows, grad
 
 
+@interpreter_bf16(mutates=("grad_logits", "out"))
 def cross_entropy_bwd(grad_logits, scale):
     """In place: grad_logits[r, :] *= scale (shape ()) or scale[r] (shape (R,)); any float dtypes.
 
@@ -96,6 +99,7 @@ def cross_entropy_bwd(grad_logits, scale):
     )
 
 
+@interpreter_bf16(mutates=("grad_weight", "grad_bias"))
 def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):
     """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
 

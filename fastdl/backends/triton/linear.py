@@ -7,9 +7,11 @@ import triton
 
 from fastdl.backends.common import ACTIVATION_CODES, SAVE_KIND, linear_backward_saved, linear_outputs
 from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, wrap_triton
+from fastdl.backends.triton._launch import interpreter_bf16
 from fastdl.kernels.triton import linear as _k
 
 
+@interpreter_bf16(results=("io", "io"))  # out; saved (pre-activation, or a uint8 mask: left as is)
 def linear_fwd(input, weight, bias, activation, negative_slope):
     """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
     M, K = input.shape
@@ -32,6 +34,7 @@ def linear_fwd(input, weight, bias, activation, negative_slope):
     return out, saved
 
 
+@interpreter_bf16(results=("io", "io", "io"))  # grad_input, grad_weight, grad_bias
 def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_slope,
                needs_input_grad, needs_weight_grad, needs_bias_grad):
     """Gradients of linear_fwd; `saved` is linear_fwd's second output (or `out` for sigmoid/tanh)."""
