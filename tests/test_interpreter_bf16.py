@@ -160,3 +160,57 @@ def test_linear_cross_entropy(reduction, monkeypatch):
                                ref_ce.linear_backward(np64(g), saved)):
         assert got.dtype == BF16
         testing.assert_close(got, np.asarray(want), BF16, name=name)
+
+
+# --- the policy itself ------------------------------------------------------------------------------
+
+def test_inplace_cross_entropy_returns_the_callers_tensor_updated():
+    from fastdl.backends import triton as launchers
+
+    logits = testing.make_tensor((5, 11), BF16, seed=1, scale=3.0)
+    target = torch.tensor([0, 10, -100, 4, 7])
+    expected_loss, saved = ref_ce.forward(np64(logits), target.numpy(), None, -100, "none", 0.0)
+    version = logits._version
+    loss_rows, grad = launchers.cross_entropy_fwd(logits, target, None, torch.ones((), dtype=torch.float32), -100, 0.0,
+                                                  True, inplace=True)
+    assert grad is logits and logits._version == version  # written as a kernel writes: no version bump
+    assert loss_rows.dtype == torch.float32
+    testing.assert_close(loss_rows, expected_loss, BF16, name="loss_rows")
+    testing.assert_close(grad, ref_ce.backward(np.ones(5), saved)[0], BF16, name="grad_logits")
+
+
+def test_policy_writes_back_only_what_changed_and_refuses_undeclared_writes():
+    from fastdl.backends.triton._launch import interpreter_bf16
+
+    @interpreter_bf16(results=("io", "acc"), mutates=("out",))
+    def launcher(x, out, scratch, write_scratch=False):
+        assert x.dtype == out.dtype == torch.float32  # the kernels only ever see float32 copies
+        out.copy_(x * 3)
+        if write_scratch:
+            scratch.add_(1)
+        return x * 2, (x * 2).sum()
+
+    x, out, scratch = (testing.make_tensor((3, 4), BF16, seed=i) for i in range(3))
+    doubled, total = launcher(x, out, scratch)
+    assert doubled.dtype == BF16 and total.dtype == torch.float32
+    assert torch.equal(out, (x.float() * 3).to(BF16))
+    with pytest.raises(RuntimeError, match="does not declare"):
+        launcher(x, out, scratch, write_scratch=True)
+    assert launcher.interpreter_bf16.mutates == ("out",)
+
+
+def test_on_a_gpu_launch_and_policy_are_torchs_and_the_launchers_own(monkeypatch):
+    from fastdl.backends.triton import _launch
+    from fastdl.kernels.triton import linear as kernels
+
+    monkeypatch.setattr(_launch, "triton_interpreting", lambda: False)
+    assert type(_launch.wrap_triton(kernels._linear_fwd)) is type(torch.library.wrap_triton(kernels._linear_fwd))
+    seen = []
+
+    @_launch.interpreter_bf16(results=("io",))
+    def launcher(x):
+        seen.append(x)
+        return x
+
+    x = testing.make_tensor((2, 3), BF16)
+    assert launcher(x) is x and seen[0] is x

@@ -132,14 +132,15 @@ def interpreter_bf16(results=(), mutates=()):
 def _write_back(launcher, policy, originals, copies):
     for name, copy in copies.items():
         original = originals[name]
-        # Compared bitwise, so an untouched argument is neither written nor has its version bumped
-        # (autograd would then reject a second backward through a tensor it saved).
+        # Compared bitwise: only what the launch changed is written back, and a change it did not
+        # declare is a launcher bug, caught here rather than lost with the copy.
         if torch.equal(copy.to(torch.bfloat16).view(torch.int16), original.view(torch.int16)):
             continue
         if name not in policy.mutates:
             raise RuntimeError(f"fastdl internal error: {launcher.__qualname__} wrote its argument {name!r}, which its "
                                "@interpreter_bf16 does not declare in mutates=")
-        original.copy_(copy)
+        # Through .data: a kernel's store leaves autograd's version counter alone, and so does this.
+        original.data.copy_(copy)
 
 
 def _round_results(policy, out, originals, copies):
