@@ -3,15 +3,17 @@
     import fastdl
     layer = fastdl.nn.Linear(784, 256, activation="relu")    # drop-in for torch.nn.Linear
     y = fastdl.functional.linear(x, w, b, activation="gelu")
-    with fastdl.use_backend("cupy"): ...
+    with fastdl.use_backend("cupy"): ...     # per thread; fastdl.use_backend("cupy") alone sets it until changed
 """
 import os as _os
 import sys as _sys
 
 import torch as _torch
 
-# Without a CUDA device Triton can only run through its interpreter, which it reads once, at its
-# first import (and torch.library imports it). Turn it on before that, unless the caller chose.
+# Without a CUDA device Triton can only run through its interpreter, and triton decides that once,
+# at its first import (from fastdl, from torch or from the caller's own code). Turn it on before
+# that, unless the caller chose. If triton is already imported it is too late: fastdl.backends
+# then leaves triton out of available_backends() and says why on use.
 if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
     _os.environ["TRITON_INTERPRET"] = "1"
 
