@@ -121,7 +121,7 @@ def interpreter_bf16(results=(), mutates=()):
             bound.arguments.update(copies)
             out = launcher(*bound.args, **bound.kwargs)
             _write_back(launcher, policy, originals, copies)
-            return _round_results(policy, out, originals, copies)
+            return _round_results(launcher, policy, out, originals, copies)
 
         run.interpreter_bf16 = policy
         return run
@@ -143,18 +143,17 @@ def _write_back(launcher, policy, originals, copies):
         original.data.copy_(copy)
 
 
-def _round_results(policy, out, originals, copies):
+def _round_results(launcher, policy, out, originals, copies):
     originals_of = {id(copy): originals[name] for name, copy in copies.items()}
     single = not isinstance(out, tuple)
     values = (out,) if single else out
     if single and out is None:
         return None
-    kinds = policy.results if len(policy.results) == len(values) else None
-    if kinds is None:
-        raise RuntimeError(f"fastdl internal error: a launcher returned {len(values)} results but its "
+    if len(policy.results) != len(values):
+        raise RuntimeError(f"fastdl internal error: {launcher.__qualname__} returned {len(values)} results but its "
                            f"@interpreter_bf16 declares {len(policy.results)} ({policy.results})")
     rounded = []
-    for value, kind in zip(values, kinds):
+    for value, kind in zip(values, policy.results):
         if isinstance(value, torch.Tensor) and id(value) in originals_of:
             value = originals_of[id(value)]  # the caller's tensor, written back above
         elif kind == "io" and isinstance(value, torch.Tensor) and value.dtype == torch.float32:
