@@ -405,14 +405,22 @@ def test_device_mismatch_raises_runtime_error():
         fastdl.functional.cross_entropy(x, target)
 
 
-def test_second_backward_through_the_same_graph_raises():
-    # The saved gradient is scaled in place; torch's version counter refuses a second use.
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_second_backward_through_the_same_graph_gives_torchs_result(reduction):
+    # The backward writes grad_output * saved gradient to a new tensor, so the saved one survives
+    # (it was scaled in place, and torch's version counter refused a second backward).
     x = make_tensor((4, 9), seed=1, requires_grad=True)
+    target = torch.tensor([0, 1, -100, 3])
     with fastdl.use_backend("triton"):
-        loss = fastdl.functional.cross_entropy(x, torch.tensor([0, 1, 2, 3]))
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        loss.backward()
+        loss = fastdl.functional.cross_entropy(x, target, reduction=reduction)
+    grad_out = make_tensor(loss.shape, seed=2) if loss.dim() else torch.tensor(0.7)
+    loss.backward(grad_out, retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(grad_out)
+    x_ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(x_ref, target, reduction=reduction).backward(grad_out)
+    torch.testing.assert_close(first, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, 2 * x_ref.grad, rtol=1e-5, atol=1e-6)
 
 
 # --- nn.CrossEntropyLoss ---------------------------------------------------------------------------

@@ -210,8 +210,18 @@ def test_emulated_scale_rows(emulated_backend, monkeypatch, dtype):
     }
     for name, (grad, scale) in cases.items():
         want = _np(grad) * (_np(scale)[:, None] if scale.dim() else _np(scale))
-        emulated_backend.cross_entropy_bwd(grad, scale)
-        assert_close(grad, want, dtype, name=name)
+        before = grad.clone()
+        # Out of place, into a contiguous tensor and into one with strides of its own.
+        for out in (torch.empty(grad.shape, dtype=dtype), make_tensor(grad.shape, dtype, seed=9, noncontiguous=True)):
+            result = emulated_backend.cross_entropy_bwd(grad, scale, out)
+            assert result is out
+            assert_close(out, want, dtype, name=name)
+            assert torch.equal(grad, before), f"{name}: the saved gradient was written"
+    # linear_cross_entropy's float32 sums, scaled and rounded into the weight's dtype.
+    sums, scale = make_tensor((5, 300), ce_ops.acc_dtype(dtype), seed=4), make_tensor((5,), seed=5)
+    out = emulated_backend.cross_entropy_bwd(sums, scale, torch.empty((5, 300), dtype=dtype))
+    assert out.dtype == dtype
+    assert_close(out, _np(sums) * _np(scale)[:, None], dtype, name="float32 sums into the weight's dtype")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -219,7 +229,8 @@ def test_emulated_linear_grad_weight_accumulate(emulated_backend, dtype):
     acc = ce_ops.acc_dtype(dtype)
     for (M, N, K) in [(70, 67, 45), (3, 5, 0), (1, 1, 1)]:
         g, x = make_tensor((M, N), dtype, seed=1), make_tensor((M, K), dtype, seed=2)
-        w0, b0 = make_tensor((N, K), dtype, seed=3), make_tensor((N,), acc, seed=4)
+        # The kernel adds into float32 (float64) sums: linear_cross_entropy rounds them once, at the end.
+        w0, b0 = make_tensor((N, K), acc, seed=3), make_tensor((N,), acc, seed=4)
         want_w = _np(w0) + _np(g).T @ _np(x)
         want_b = _np(b0) + _np(g).sum(0)
         for layout in ("contiguous", "strided"):
@@ -229,14 +240,18 @@ def test_emulated_linear_grad_weight_accumulate(emulated_backend, dtype):
             emulated_backend.linear_grad_weight_accumulate(gg, xx, w, b)
             assert_close(w, want_w, dtype, name=f"grad_weight ({layout})")
             assert_close(b, want_b, dtype, name=f"grad_bias ({layout})")
-        # No bias; and a float64 grad_weight / bias of another dtype through the temporaries.
+            if dtype != acc:  # added in the accumulator's precision, not rounded to the input's dtype
+                torch.testing.assert_close(w, torch.from_numpy(want_w).to(acc), rtol=1e-5, atol=1e-4)
+        # No bias; and a grad_weight / bias of other dtypes through the temporaries.
         w = w0.clone()
         emulated_backend.linear_grad_weight_accumulate(g, x, w, None)
         assert_close(w, want_w, dtype, name="grad_weight (no bias)")
-        w, b = w0.double(), b0.to(dtype)
-        emulated_backend.linear_grad_weight_accumulate(g, x, w, b)
-        assert_close(w, want_w, dtype, name="grad_weight (float64)")
-        assert_close(b, want_b, dtype, name="grad_bias (input's dtype)")
+        for w_dtype in (dtype, torch.float64):
+            w, b = w0.to(w_dtype, copy=True), b0.to(dtype, copy=True)
+            want_w, want_b = _np(w) + _np(g).T @ _np(x), _np(b) + _np(g).sum(0)
+            emulated_backend.linear_grad_weight_accumulate(g, x, w, b)
+            assert_close(w, want_w, dtype, name=f"grad_weight ({w_dtype})")
+            assert_close(b, want_b, dtype, name="grad_bias (input's dtype)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -272,12 +287,13 @@ def test_cupy_cross_entropy_on_a_side_stream(dtype):
         x_side = torch.zeros_like(x)
         x_side.copy_(x)
         loss, grad = cupy_backend.cross_entropy_fwd(x_side, target, weight, scale, -100, 0.1, True)
-        cupy_backend.cross_entropy_bwd(grad, scale)
+        scaled = cupy_backend.cross_entropy_bwd(grad, scale, torch.empty_like(grad))
     torch.cuda.synchronize()
     want_loss, want_grad = reference_backend.cross_entropy_fwd(x, target, weight, scale, -100, 0.1, True)
-    reference_backend.cross_entropy_bwd(want_grad, scale)
+    want_scaled = reference_backend.cross_entropy_bwd(want_grad, scale, torch.empty_like(want_grad))
     assert_close(loss, want_loss, dtype, name="loss rows")
     assert_close(grad, want_grad, dtype, name="grad")
+    assert_close(scaled, want_scaled, dtype, name="grad * scale")
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdl
-from fastdl.ops import cross_entropy as ce_ops
+from fastdl.ops import linear_cross_entropy as lce_ops
 from fastdl.reference import cross_entropy as ref
 from fastdl.testing import assert_close, gpu_backends, make_tensor
 
@@ -37,7 +37,7 @@ LINEAR_SHAPES = [
 def run_linear_cross_entropy(backend, dtype, shape, reduction, monkeypatch, *, has_bias=True, label_smoothing=0.0,
                              ignore=True, device="cpu"):
     N, H, V, rows = shape
-    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, str(rows))
+    monkeypatch.setenv(lce_ops.CHUNK_ROWS_ENV, str(rows))
     x = make_tensor((N, H), dtype, device, seed=1, requires_grad=True)
     w = make_tensor((V, H), dtype, device, seed=2, scale=3 * H ** -0.5, requires_grad=True)
     b = make_tensor((V,), dtype, device, seed=3, requires_grad=True) if has_bias else None
@@ -78,7 +78,7 @@ def test_linear_cross_entropy_fp16_smoothing_no_bias(reduction, monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_linear_cross_entropy_equals_unfused_torch(backend, reduction, monkeypatch):
-    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, "3")
+    monkeypatch.setenv(lce_ops.CHUNK_ROWS_ENV, "3")
     x = make_tensor((8, 5), torch.float64, seed=1)
     w = make_tensor((6, 5), torch.float64, seed=2)
     b = make_tensor((6,), torch.float64, seed=3)
@@ -99,7 +99,7 @@ def test_linear_cross_entropy_equals_unfused_torch(backend, reduction, monkeypat
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_linear_cross_entropy_1d_input_probability_targets_and_all_ignored(backend, monkeypatch):
-    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, "2")
+    monkeypatch.setenv(lce_ops.CHUNK_ROWS_ENV, "2")
     w = make_tensor((6, 5), torch.float64, seed=2)
     cases = [
         (make_tensor((5,), torch.float64, seed=1), torch.tensor(4)),                       # (H,) input
@@ -121,7 +121,7 @@ def test_linear_cross_entropy_1d_input_probability_targets_and_all_ignored(backe
 
 
 def test_linear_cross_entropy_computes_only_requested_grads(monkeypatch):
-    monkeypatch.setenv(ce_ops.CHUNK_ROWS_ENV, "3")
+    monkeypatch.setenv(lce_ops.CHUNK_ROWS_ENV, "3")
     x = make_tensor((7, 5), seed=1)
     w = make_tensor((6, 5), seed=2, requires_grad=True)
     b = make_tensor((6,), seed=3)
@@ -151,10 +151,10 @@ def test_linear_cross_entropy_bad_input():
 
 def test_chunk_rows_fit_the_budget():
     V = 128256
-    rows = ce_ops.chunk_rows(8192, V, 2, torch.device("cpu"))
-    assert rows % 128 == 0 and rows * V * 2 <= ce_ops.CHUNK_BYTES
-    assert ce_ops.chunk_rows(5, V, 2, torch.device("cpu")) == 5            # never more rows than the batch
-    assert ce_ops.chunk_rows(8192, 2**31, 4, torch.device("cpu")) == 1     # at least one row
+    rows = lce_ops.chunk_rows(8192, V, 2, torch.device("cpu"))
+    assert rows % 128 == 0 and rows * V * 2 <= lce_ops.CHUNK_BYTES
+    assert lce_ops.chunk_rows(5, V, 2, torch.device("cpu")) == 5            # never more rows than the batch
+    assert lce_ops.chunk_rows(8192, 2**31, 4, torch.device("cpu")) == 1     # at least one row
 
 
 # --- GPU -------------------------------------------------------------------------------------------
@@ -203,7 +203,10 @@ def _peak_extra_bytes(fn, params):
 @pytest.mark.gpu
 def test_gpu_linear_cross_entropy_peak_memory():
     # The bound: one chunk of logits (its gradient overwrites it), the chunk's grad_input rows, the
-    # loss rows and 64 MiB of slack; and at most 10% of the unfused torch path's extra memory.
+    # loss rows, grad_weight's float32 sums (kept from forward to backward, where they are scaled
+    # and rounded once into the gradient), the saved grad_input (the backward writes a new one) and
+    # 64 MiB of slack; and at most half the unfused torch path's extra memory (about 6 GiB here:
+    # logits, log_softmax's output and two (N, V) gradients; the float32 sums are 2 GiB).
     N, H, V = 8192, 4096, 128256
     dtype = torch.bfloat16
     x = make_tensor((N, H), dtype, "cuda", seed=1, requires_grad=True)
@@ -215,9 +218,37 @@ def test_gpu_linear_cross_entropy_peak_memory():
         _peak_extra_bytes(ours, (x, w))  # warm-up: autotuning clones its outputs once
         ours_bytes = _peak_extra_bytes(ours, (x, w))
     theirs_bytes = _peak_extra_bytes(theirs, (x, w))
-    rows = ce_ops.chunk_rows(N, V, 2, x.device)
-    bound = rows * V * 2 + rows * H * 2 + N * 4 + 64 * 2**20
+    rows = lce_ops.chunk_rows(N, V, 2, x.device)
+    bound = rows * V * 2 + rows * H * 2 + N * 4 + V * H * 4 + N * H * 2 + 64 * 2**20
     print(f"linear_cross_entropy extra {ours_bytes / 2**20:.0f} MiB (bound {bound / 2**20:.0f} MiB), "
           f"unfused torch {theirs_bytes / 2**20:.0f} MiB")
     assert ours_bytes <= bound
-    assert ours_bytes <= 0.10 * theirs_bytes
+    assert ours_bytes <= 0.5 * theirs_bytes
+
+
+def test_grad_weight_accumulates_across_chunks_in_float32(monkeypatch):
+    # 48 chunks of one row in fp16: grad_weight's running sum was rounded to fp16 once per chunk
+    # (relative error 6.2e-4 here, 2x torch's unfused fp16 composition; 8x at 256 chunks). Summed
+    # in float32 and rounded once, the error is no worse than torch's, which rounds once too.
+    monkeypatch.setenv(lce_ops.CHUNK_ROWS_ENV, "1")
+    N, H, V = 48, 16, 24
+    x = make_tensor((N, H), torch.float16, seed=1)
+    w = make_tensor((V, H), torch.float16, seed=2, scale=3 * H ** -0.5)
+    b = make_tensor((V,), torch.float16, seed=3)
+    target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
+
+    def grads(loss_fn, dtype):
+        xx, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+        loss_fn(xx, ww, bb).backward()
+        return ww.grad.double(), bb.grad.double()
+
+    unfused = lambda x, w, b: F.cross_entropy(F.linear(x, w, b), target, reduction="sum")  # noqa: E731
+    expected = grads(unfused, torch.float64)
+    torch_fp16 = grads(unfused, torch.float16)
+    with fastdl.use_backend("triton"):
+        ours = grads(lambda x, w, b: fastdl.functional.linear_cross_entropy(x, w, target, b, reduction="sum"),
+                     torch.float16)
+    for name, got, theirs, want in zip(("grad_weight", "grad_bias"), ours, torch_fp16, expected):
+        error = lambda g: ((g - want).abs().max() / want.abs().max()).item()  # noqa: E731
+        assert error(got) <= max(error(theirs), 1e-4), f"{name}: {error(got):.2e} vs torch's {error(theirs):.2e}"
+        assert_close(got, want, torch.float16, name=name)

@@ -63,10 +63,11 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     return loss_rows, grad
 
 
-def cross_entropy_bwd(grad_logits, scale):
+def cross_entropy_bwd(grad_logits, scale, out):
+    """out[r, :] = grad_logits[r, :] * scale (or scale[r]); grad_logits is only read."""
     x = grad_logits if grad_logits.dim() == 2 else grad_logits.view(1, -1)
     s = np.broadcast_to(to_numpy(scale), (x.shape[0],))
-    x.copy_(from_numpy(to_numpy(x) * s[:, None], x))
+    return out.copy_(from_numpy(to_numpy(x) * s[:, None], out).reshape(out.shape))
 
 
 def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):

@@ -1,3 +1,69 @@
-"""torch.library custom ops, one module per op family. Importing this package registers them."""
-from . import linear  # noqa: F401
-from . import cross_entropy  # noqa: F401
+"""torch.library custom ops, one module per op (linear.py, cross_entropy.py, linear_cross_entropy.py).
+
+    fastdl.ops.get("cross_entropy", "triton")(logits, target, ...)  -> (loss, grad)
+
+`get(op, backend)` returns the callable for an op on a backend; the op is defined (registered
+with torch.library, autograd included) on the first `get` for that pair, so importing fastdl
+registers nothing and imports neither torch._inductor nor a backend. Backends:
+
+  triton, cupy, reference   torch.ops.fastdl.<op>_<backend>, with autograd (see _define.py)
+  torch                     a plain function with the same signature and outputs, computed with
+                            torch's own differentiable ops: what the functional layer runs under
+                            torch.func transforms and forward-mode AD
+
+Signatures and results (the functional layer has validated and normalized every argument):
+
+  linear(input (M, K), weight (N, K), bias (N,) | None, activation: str, negative_slope: float)
+      -> (out (M, N), saved)
+  cross_entropy(logits (R, C), target (R,) int64 | (R, C), weight (C,) | None, ignore_index: int,
+                label_smoothing: float, reduction: str, compute_grad: bool) -> (loss, grad)
+  linear_cross_entropy(input (N, H), weight (V, H), bias (V,) | None, target, ignore_index: int,
+                       label_smoothing: float, reduction: str, needs_input_grad: bool,
+                       needs_weight_grad: bool, needs_bias_grad: bool)
+      -> (loss, grad_input, grad_weight, grad_bias)
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from fastdl.ops import cross_entropy as _cross_entropy
+from fastdl.ops import linear as _linear
+from fastdl.ops import linear_cross_entropy as _linear_cross_entropy
+
+OP_NAMES = ("linear", "cross_entropy", "linear_cross_entropy")
+BACKEND_NAMES = ("triton", "cupy", "reference", "torch")
+
+_MODULES = {"linear": _linear, "cross_entropy": _cross_entropy, "linear_cross_entropy": _linear_cross_entropy}
+_defined: set[tuple[str, str]] = set()
+_lock = threading.Lock()
+
+
+def _define(op: str, backend: str) -> str:
+    """Registers torch.ops.fastdl.<op>_<backend> (with its autograd) once; returns its name."""
+    if (op, backend) not in _defined:
+        with _lock:  # torch.library refuses a second definition of the same name
+            if (op, backend) not in _defined:
+                _MODULES[op].define_op(backend)
+                _defined.add((op, backend))
+    return f"{op}_{backend}"
+
+
+# Under torch.compile, Dynamo calls _define instead of tracing it (a definition inside a traced
+# region would break the graph) and takes the name it returns as a constant: what
+# torch.compiler.assume_constant_result marks, set here without it, since it imports torch._dynamo
+# (over a second) at `import fastdl`. tests/test_autograd.py checks torch still uses this name.
+_define._dynamo_marked_constant = True
+
+
+def get(op: str, backend: str):
+    """The callable of `op` on `backend` (an OpOverload, or the "torch" entry's function), defined
+    on first use; thread-safe, and traceable by torch.compile (fullgraph) even on first use."""
+    if op not in OP_NAMES:
+        raise ValueError(f"fastdl.ops: unknown op {op!r}; expected one of {OP_NAMES}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"fastdl.ops: unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+    if backend == "torch":
+        return _MODULES[op].torch_composite
+    return getattr(torch.ops.fastdl, _define(op, backend)).default

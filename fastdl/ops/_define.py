@@ -1,12 +1,42 @@
-"""One custom op per (op, backend), so the backend chosen at call time is part of the traced graph.
+"""How a fastdl op becomes a torch op with autograd: the rules every op (linear, cross_entropy,
+conv2d, batch_norm, ...) follows, and the helpers that enforce them.
 
+One custom op per (op, backend), so the backend chosen at call time is part of the traced graph.
 The triton variant is a `torch.library.triton_op` where torch has it, which lets torch.compile see
-the Triton launches inside; the others are opaque `custom_op`s with a registered fake.
+the Triton launches inside; the others are opaque `custom_op`s with a registered fake. Ops are
+defined on first use (`fastdl.ops.get`): `torch.library.triton_op` imports torch._inductor (about
+2.4 s, and it sets TORCHINDUCTOR_* variables), which `import fastdl` must not pay for.
+
+The rules, for every op's autograd (`register_autograd` applies the first):
+
+1. materialize_grads is off. An output nobody differentiated (a saved mask, a gradient an op
+   returns beside its loss) comes to backward as None, never as a zero-filled tensor of its size;
+   every backward handles None, and a None for the main output (with no other use) returns None
+   gradients.
+2. A backward never modifies what it saved, nor anything the caller holds: it writes new tensors
+   (scaling a saved gradient writes grad_output * saved to a new tensor, the same bytes moved), so
+   a second backward (retain_graph=True), torch.autograd.functional.jacobian and gradcheck work.
+   An op may overwrite a buffer it allocated and nobody else sees (linear_cross_entropy's chunk).
+3. Double backward. A backward that runs with grad mode on (`create_graph()`: backward(...,
+   create_graph=True), torch.autograd.grad(..., create_graph=True)) must build a graph. Either the
+   op's backward is written in differentiable torch ops on tensors autograd tracks
+   (cross_entropy: its saved gradient is a differentiable output, and its own backward adds the
+   Hessian-vector product), or it recomputes the forward with torch's differentiable ops from
+   the saved inputs and differentiates that (`recompute_grads`: linear, linear_cross_entropy).
+   fastdl's kernels serve first order, which is where the time goes; second order is torch's.
+   Saving an op's inputs for this costs no memory beyond keeping them alive until backward.
+4. Forward-mode AD and torch.func transforms go to the op's "torch" entry (fastdl.ops.get(op,
+   "torch")): the same signature and outputs, computed with torch's own differentiable ops (the
+   functional layer routes there; custom ops' autograd does not support functorch).
+5. Accumulations across chunks or splits are float32 (float64 for float64), rounded once.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+# The backends that have kernels (a custom op each); "torch" is the plain-function entry.
 BACKEND_NAMES = ("triton", "cupy", "reference")
 
 
@@ -17,6 +47,48 @@ def define(name: str, backend: str, fn, fake):
     op = torch.library.custom_op(qualname, fn, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """op.register_autograd with materialize_grads off (rule 1): outputs nobody differentiated
+    reach `backward` as None instead of as zero-filled tensors of their full size."""
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+def create_graph() -> bool:
+    """Inside a backward: whether autograd is recording it (create_graph=True), so the gradients
+    must carry a graph for a second differentiation (rule 3)."""
+    return torch.is_grad_enabled()
+
+
+def recompute_grads(torch_forward, inputs, needs_input_grad, grad_outputs) -> tuple:
+    """Gradients of torch_forward(*inputs) w.r.t. the inputs that need them, with a graph (rule 3).
+
+    torch_forward recomputes the op's differentiable outputs with torch's own ops from the saved
+    inputs (which autograd restores with their history, so the graph reaches the caller's
+    tensors); grad_outputs holds one gradient (or None) per output. Returns one gradient or None
+    per input.
+    """
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs_input_grad))
+              if need and t is not None and t.requires_grad]
+    if not wanted:
+        return (None,) * len(inputs)
+    with torch.enable_grad():
+        outputs = torch_forward(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    if not pairs:
+        return (None,) * len(inputs)
+    grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
 
 
 def or_empty(grads, like):
@@ -30,3 +102,27 @@ def fake_dense_grads(input, weight, needs_input_grad: bool, needs_weight_grad: b
     return (input.new_empty(input.shape) if needs_input_grad else empty,
             weight.new_empty(weight.shape) if needs_weight_grad else empty,
             weight.new_empty((weight.shape[0],)) if needs_bias_grad else empty)
+
+
+class OpTable(Mapping):
+    """{backend: op} for one op, each entry defined on first lookup through fastdl.ops.get.
+
+    The tables fastdl.ops.linear.OPS, cross_entropy.CE_OPS and LINEAR_CE_OPS were dicts built at
+    import; kept for callers that still index them.
+    """
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def __getitem__(self, backend: str):
+        if backend not in BACKEND_NAMES + ("torch",):
+            raise KeyError(backend)
+        from fastdl import ops
+
+        return ops.get(self.op, backend)
+
+    def __iter__(self):
+        return iter(BACKEND_NAMES)
+
+    def __len__(self) -> int:
+        return len(BACKEND_NAMES)

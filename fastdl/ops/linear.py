@@ -3,19 +3,37 @@
 Forward returns (out, saved): `saved` is what the backend keeps for backward (a uint8 mask for
 relu/leaky_relu, the pre-activation for gelu/gelu_tanh/silu, an empty tensor otherwise). Only
 the tensors backward reads are saved: sigmoid and tanh save `out`, nothing else does.
+
+Double backward (create_graph=True): the backward recomputes act(F.linear(input, weight, bias))
+with torch's ops from the saved input, weight and bias and differentiates that with a graph
+(_define.recompute_grads); fastdl's kernels serve first order.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import BACKEND_NAMES, define, fake_dense_grads, or_empty
+from fastdl.ops._define import (OpTable, create_graph, define, fake_dense_grads, or_empty, recompute_grads,
+                                register_autograd)
 
 SAVES_OUTPUT = ("sigmoid", "tanh")
 SAVES_EXTRA = ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu")
+
+# The activations as torch computes them (differentiable to any order), by the op's names.
+TORCH_ACTIVATIONS = {
+    "none": lambda z, s: z,
+    "relu": lambda z, s: F.relu(z),
+    "leaky_relu": lambda z, s: F.leaky_relu(z, s),
+    "gelu": lambda z, s: F.gelu(z),
+    "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"),
+    "silu": lambda z, s: F.silu(z),
+    "sigmoid": lambda z, s: torch.sigmoid(z),
+    "tanh": lambda z, s: torch.tanh(z),
+}
 
 
 def _act(name: str) -> str | None:
@@ -31,7 +49,19 @@ def _fake_saved(input: Tensor, weight: Tensor, activation: str) -> Tensor:
     return input.new_empty((0, 0))
 
 
-def _make(backend: str):
+def torch_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                 negative_slope: float) -> Tensor:
+    """act(input @ weight.T + bias) in torch's differentiable ops."""
+    return TORCH_ACTIVATIONS[activation](F.linear(input, weight, bias), negative_slope)
+
+
+def torch_composite(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                    negative_slope: float) -> tuple[Tensor, Tensor]:
+    """The "torch" entry: the op's signature and outputs (saved is empty), for torch.func and forward AD."""
+    return torch_linear(input, weight, bias, activation, negative_slope), input.new_empty((0, 0))
+
+
+def define_op(backend: str):
     def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                negative_slope: float) -> tuple[Tensor, Tensor]:
         return backends.get(backend).linear_fwd(input, weight, bias, _act(activation), negative_slope)
@@ -67,20 +97,24 @@ def _make(backend: str):
         ctx.mark_non_differentiable(saved)
 
     def backward(ctx, grad_out, _grad_saved):
+        none = (None,) * 5
+        if grad_out is None:  # `saved` is not differentiable, so only `out` brings a gradient
+            return none
         input, weight, bias, saved, out = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        if create_graph():
+            grads = recompute_grads(
+                lambda x, w, b: torch_linear(x, w, b, ctx.activation, ctx.negative_slope),
+                (input, weight, bias), needs, (grad_out,))
+            return (*grads, None, None)
         if saved is None:
             saved = grad_out.new_empty((0, 0))
-        grad_input, grad_weight, grad_bias = bwd(
-            grad_out, input, weight, bias, saved, out, ctx.activation, ctx.negative_slope,
-            needs[0], needs[1], ctx.has_bias and needs[2])
-        return (grad_input if needs[0] else None,
-                grad_weight if needs[1] else None,
-                grad_bias if ctx.has_bias and needs[2] else None,
-                None, None)
+        grads = bwd(grad_out, input, weight, bias, saved, out, ctx.activation, ctx.negative_slope, *needs)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
-    fwd.register_autograd(backward, setup_context=setup_context)
+    register_autograd(fwd, backward, setup_context)
     return fwd
 
 
-OPS = {name: _make(name) for name in BACKEND_NAMES}
+# {backend: op}, defined on first lookup; new code calls fastdl.ops.get("linear", backend).
+OPS = OpTable("linear")

@@ -24,7 +24,7 @@
 // so a bad index never reads out of bounds even where asserts are compiled out.
 // All offsets are long long: rows * C may pass 2**31 (8192 x 262144 already does).
 //
-// Also here: scale_rows (the backward, in place) and linear_grad_weight_accumulate (in-place
+// Also here: scale_rows (the backward, out of place) and linear_grad_weight_accumulate (in-place
 // grad_weight += g.T @ x, grad_bias += g.sum(0)), which lets linear_cross_entropy's chunks share
 // one grad_weight.
 //
@@ -275,32 +275,35 @@ __global__ void __launch_bounds__(CE_MAX_THREADS) cross_entropy_fwd(
     loss_rows[row] = loss;
 }
 
-// x (R, C) scaled in place: x[r, :] *= scale (shape ()) or scale[r] (shape (R,)), in Acc.
-// Grid (column blocks, row blocks); each block walks rows blockIdx.y, + gridDim.y, ... (a grid's y
-// is at most 65535) and its share of their columns, a pack at a time where x is contiguous.
+// out[r, :] = x[r, :] * scale (shape ()) or scale[r] (shape (R,)), in Acc; x (R, C) is only read,
+// out (R, C) any strides. Out of place, so the saved gradient survives for a second backward; the
+// bytes moved are an in-place scaling's. Grid (column blocks, row blocks); each block walks rows
+// blockIdx.y, + gridDim.y, ... (a grid's y is at most 65535) and its share of their columns, a pack
+// at a time where x and out are contiguous and on the same 16-byte offset.
 template <typename T>
 __global__ void __launch_bounds__(CE_MAX_THREADS) scale_rows(
-    T* x, const typename Accumulator<T>::type* __restrict__ scale,
-    long long R, long long C, long long stride_xr, long long stride_xc, long long stride_scale)
+    const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ scale, T* __restrict__ out,
+    long long R, long long C, long long stride_xr, long long stride_xc, long long stride_scale,
+    long long stride_or, long long stride_oc)
 {
     typedef typename Accumulator<T>::type Acc;
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long threads = (long long)gridDim.x * blockDim.x;
     for (long long row = blockIdx.y; row < R; row += gridDim.y) {
         const Acc factor = scale[row * stride_scale];
-        T* x_row = x + row * stride_xr;
-        sweep_row<true>(x_row, stride_xc, x_row, stride_xc, C, thread, threads,
+        sweep_row<true>(x + row * stride_xr, stride_xc, out + row * stride_or, stride_oc, C, thread, threads,
                         [&](long long, Acc v) { return v * factor; });
     }
 }
 
 // grad_weight (N, K) += grad_out.T @ x and grad_bias (N,) += grad_out.sum(0), in place;
-// grad_out (M, N), x (M, K); grad_bias in Acc (or null). linear.cu's linear_bwd_weight tiles
-// (64 x 64 per block of THREADS, every output element owned by one thread: deterministic), with
-// the old values added to the Acc tile sum once, in its epilogue.
+// grad_out (M, N), x (M, K); grad_weight and grad_bias in Acc (float32, double for double): the
+// sums across linear_cross_entropy's chunks are rounded to T once, by the caller, at the end.
+// linear.cu's linear_bwd_weight tiles (64 x 64 per block of THREADS, every output element owned
+// by one thread: deterministic), with the old values added to the Acc tile sum in its epilogue.
 template <typename T>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) linear_grad_weight_accumulate(
-    const T* __restrict__ grad_out, const T* __restrict__ x, T* __restrict__ grad_weight,
+    const T* __restrict__ grad_out, const T* __restrict__ x, typename Accumulator<T>::type* __restrict__ grad_weight,
     typename Accumulator<T>::type* __restrict__ grad_bias,
     long long M, long long N, long long K,
     long long stride_gm, long long stride_gn, long long stride_xm, long long stride_xk,
@@ -328,8 +331,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) linear_grad_weight_accumu
         for (int j = 0; j < MICRO_COLS; ++j) {
             const long long k = k0 + tx + j * THREADS_COLS;
             if (k < K) {
-                T* w = grad_weight + n * stride_wn + k * stride_wk;
-                *w = from_acc<T>(acc[i][j] + to_acc(*w));
+                grad_weight[n * stride_wn + k * stride_wk] += acc[i][j];
             }
         }
         if (bias_owner) grad_bias[n] += bias_acc[i];

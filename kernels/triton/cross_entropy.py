@@ -3,7 +3,7 @@
 Why fused: the unfused path (log_softmax, then nll_loss, then their backwards) writes and reads
 (rows, C) tensors four times; for a language model's head that is the largest activation of the
 step. Here the forward reads the logits twice and writes the gradient once, and the backward only
-scales that gradient in place by grad_output.
+scales that gradient by grad_output (into a new tensor: the saved one stays intact).
 
 Every loss torch's cross_entropy computes is sum_c T_c (lse - x_c) for a target distribution T
 (see fastdl/reference/cross_entropy.py), whose gradient is softmax(x) * B - T with B = sum_c T_c:
@@ -28,7 +28,7 @@ Host code never syncs to check targets in the hot path (see fastdl.functional.cr
 
 All pointer offsets are int64: rows * C may pass 2**31 (8192 x 262144 already does).
 
-Also here: _scale_rows (the backward) and _linear_grad_weight_accumulate, the in-place
+Also here: _scale_rows (the backward, out of place) and _linear_grad_weight_accumulate, the in-place
 grad_weight += grad.T @ x that lets linear_cross_entropy's chunks share one grad_weight.
 """
 import triton
@@ -171,18 +171,19 @@ def _cross_entropy_fwd(
 
 @triton.jit
 def _scale_rows(
-    x_ptr, scale_ptr,  # x (R, C) scaled in place, scale () or (R,)
-    C, stride_xr, stride_xc, stride_scale,
+    x_ptr, scale_ptr, out_ptr,  # x (R, C) read, scale () or (R,), out (R, C) written
+    C, stride_xr, stride_xc, stride_scale, stride_or, stride_oc,
     ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """x[r, :] *= scale[r]: cross-entropy's backward (grad_output per row for reduction='none')."""
+    """out[r, :] = x[r, :] * scale[r]: cross-entropy's backward (grad_output per row for
+    reduction='none'). Out of place, so the saved gradient x survives for a second backward; the
+    bytes moved are those of an in-place scaling (one read, one write)."""
     row = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask = cols < C
     scale = tl.load(scale_ptr + row * stride_scale).to(ACC_DTYPE)
-    ptrs = x_ptr + row * stride_xr + cols * stride_xc
-    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
-    tl.store(ptrs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + row * stride_xr + cols * stride_xc, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptr + row * stride_or + cols * stride_oc, (x * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Autotuning trial runs would each add into grad_weight; restore_value resets it between trials.

@@ -63,33 +63,49 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     return loss_rows, grad
 
 
-def cross_entropy_bwd(grad_logits, scale):
-    """In place: grad_logits[r, :] *= scale (shape ()) or scale[r] (shape (R,)); a 1-D grad_logits is one row."""
+def cross_entropy_bwd(grad_logits, scale, out):
+    """out[r, :] = grad_logits[r, :] * scale (shape ()) or scale[r] (shape (R,)); returns out.
+
+    grad_logits is only read; out has its shape, any strides, and its dtype or (for
+    linear_cross_entropy's float32 sums) another; a 1-D grad_logits is one row.
+    """
     x = grad_logits if grad_logits.dim() == 2 else grad_logits.view(1, -1)
+    y = out if out.dim() == 2 else out.view(1, -1)
     R, C = x.shape
     if R == 0 or C == 0:
-        return
+        return out
     s = _as_acc(scale, _ACC_DTYPE[x.dtype])
+    if y.dtype != x.dtype:
+        # linear_cross_entropy's float32 sums rounded into the weight's dtype: rare (once per
+        # backward), so torch's ops, a block of rows at a time to bound the float32 temporary.
+        rows = s.reshape(-1, 1) if s.dim() else s
+        step = max(1, (64 * 2**20) // max(1, C * 4))
+        for start in range(0, R, step):
+            end = min(R, start + step)
+            y[start:end].copy_(x[start:end] * (rows[start:end] if s.dim() else rows))
+        return out
     columns_per_block = SCALE_ROWS_THREADS * SCALE_ROWS_PACKS * (16 // x.element_size())
     rt.launch("scale_rows", x, (rt.cdiv(C, columns_per_block), min(R, MAX_GRID_Y)), (
-        rt.ptr(x), rt.ptr(s), *rt.i64(R, C, x.stride(0), x.stride(1), s.stride(0) if s.dim() else 0),
+        rt.ptr(x), rt.ptr(s), rt.ptr(y),
+        *rt.i64(R, C, x.stride(0), x.stride(1), s.stride(0) if s.dim() else 0, y.stride(0), y.stride(1)),
     ), stem="cross_entropy", threads=SCALE_ROWS_THREADS)
+    return out
 
 
 def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):
     """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
 
     grad_out (M, N), input (M, K) in the same dtype; grad_weight (N, K) in any float dtype;
-    grad_bias (N,) or None. The kernel adds into a grad_weight of input's dtype and a grad_bias
-    of its accumulator's (what linear_cross_entropy passes); other dtypes go through a temporary.
+    grad_bias (N,) or None. The kernel adds into a grad_weight and grad_bias of the accumulator's
+    dtype (float32, float64 for float64: what linear_cross_entropy passes, so its sums across
+    chunks round once); other dtypes go through a temporary.
     """
     M, K = input.shape
     N = grad_weight.shape[0]
     if M == 0 or N == 0:
         return
     acc = _ACC_DTYPE[input.dtype]
-    w = grad_weight if grad_weight.dtype == input.dtype else torch.zeros((N, K), device=input.device,
-                                                                          dtype=input.dtype)
+    w = grad_weight if grad_weight.dtype == acc else torch.zeros((N, K), device=input.device, dtype=acc)
     b = grad_bias if grad_bias is None or (grad_bias.dtype == acc and grad_bias.stride(0) == 1) else torch.zeros(
         (N,), device=input.device, dtype=acc)
     rt.launch("linear_grad_weight_accumulate", input, rt.cdiv(N, BLOCK_ROWS) * max(1, rt.cdiv(K, BLOCK_COLS)), (

@@ -5,7 +5,7 @@ caller; it has validated everything):
 
   cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
                     compute_grad, inplace=False) -> (loss_rows, grad_logits)
-  cross_entropy_bwd(grad_logits, scale) -> None                     (in place)
+  cross_entropy_bwd(grad_logits, scale, out) -> out                (out = grad_logits * scale per row)
   linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias) -> None   (optional)
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fastdl.kernels.triton import cross_entropy as _ce
 #
 #   cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
 #                     compute_grad, inplace=False) -> (loss_rows, grad_logits)
-#   cross_entropy_bwd(grad_logits, scale) -> None                     (in place)
+#   cross_entropy_bwd(grad_logits, scale, out) -> out                (out = grad_logits * scale per row)
 #   linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias) -> None   (optional)
 
 
@@ -81,22 +81,26 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     return loss_rows, grad
 
 
-@interpreter_bf16(mutates=("grad_logits", "out"))
-def cross_entropy_bwd(grad_logits, scale):
-    """In place: grad_logits[r, :] *= scale (shape ()) or scale[r] (shape (R,)); any float dtypes.
+@interpreter_bf16(results=("io",), mutates=("out",))
+def cross_entropy_bwd(grad_logits, scale, out):
+    """out[r, :] = grad_logits[r, :] * scale (shape ()) or scale[r] (shape (R,)); returns out.
 
+    grad_logits is only read (the saved gradient stays intact for a second backward); out has its
+    shape, any strides, and its dtype or (linear_cross_entropy's float32 sums) another.
     cross_entropy's backward (grad_output per row for reduction="none") and the final scaling of
     linear_cross_entropy's gradients. A 1-D grad_logits is treated as one row.
     """
     x = grad_logits if grad_logits.dim() == 2 else grad_logits.view(1, -1)
+    y = out if out.dim() == 2 else out.view(1, -1)
     R, C = x.shape
     if R == 0 or C == 0:
-        return
+        return out
     block = min(1024, triton.next_power_of_2(C))
     wrap_triton(_ce._scale_rows)[(R, triton.cdiv(C, block))](
-        x, scale, C, x.stride(0), x.stride(1), scale.stride(0) if scale.dim() else 0,
+        x, scale, y, C, x.stride(0), x.stride(1), scale.stride(0) if scale.dim() else 0, y.stride(0), y.stride(1),
         ACC_DTYPE=ACC_DTYPE[x.dtype], BLOCK_C=block, num_warps=4,
     )
+    return out
 
 
 @interpreter_bf16(mutates=("grad_weight", "grad_bias"))

@@ -1,0 +1,209 @@
+"""torch.ops.fastdl.linear_cross_entropy_<backend>: cross_entropy(linear(...)) in row chunks, with autograd.
+
+linear_cross_entropy(input (N, H), weight (V, H), bias, target, ...) walks the rows in chunks:
+logits chunk = input chunk @ weight.T + bias (the dense kernel), then the fused loss+gradient
+kernel writes the gradient over that chunk's logits (a buffer this op allocated and nobody else
+sees), then grad_input rows and grad_weight / grad_bias accumulate from it, so the extra memory
+is one (chunk, V) buffer plus grad_weight's float32 accumulator. For "mean"/"sum" that all
+happens in the forward and backward writes grad_output * each gradient to a new tensor (the saved
+ones stay intact: a second backward works); for "none" each row's grad_output must scale its
+gradient before it reaches grad_weight, so the forward computes only the loss and the backward
+redoes the chunks with that per-row scale.
+
+grad_weight and grad_bias accumulate across chunks in float32 (float64 for float64) and are
+rounded to the weight's dtype once: rounding the running sum once per chunk made the error grow
+with the number of chunks (256 chunks: 2.2e-3 relative in fp16, 1.8e-2 in bf16, about 8x torch's
+unfused error). For "mean"/"sum" the float32 sums are what the forward saves, and the backward's
+scaling by grad_output writes them, rounded, into the new gradient (one rounding, no second
+(V, H) buffer). Memory: V * H * 4 bytes (2 GiB at V = 128256, H = 4096) held from forward to
+backward, and grad_input (N * H) saved beside the gradient the backward returns; the in-place
+scaling this replaced returned the saved buffers themselves. An in-place, memory-saving opt-in
+is not built.
+
+Double backward (create_graph=True): the backward recomputes
+cross_entropy(linear(input, weight, bias), target) with torch's ops and differentiates that with
+a graph (_define.recompute_grads). That is why input, weight, bias and target are saved for every
+reduction: they are the op's inputs, so saving them keeps them alive until backward and copies
+nothing.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastdl import backends
+from fastdl.ops._define import (OpTable, create_graph, define, fake_dense_grads, or_empty, recompute_grads,
+                                register_autograd)
+from fastdl.ops.cross_entropy import acc_dtype, reduce_rows, reduction_scale, scale_rows_op
+
+# linear_cross_entropy's chunk: the bytes of one chunk of logits (its gradient overwrites it).
+# 256 MiB keeps the extra memory near 5% of the unfused path's at N=8192, V=128256 in bf16
+# while each chunk's matmuls (>= 1024 x V x H there) still fill the GPU.
+CHUNK_BYTES = 256 * 2**20
+# Forces a chunk size (rows); tests use it to run several chunks on small shapes.
+CHUNK_ROWS_ENV = "FASTDL_LINEAR_CE_CHUNK_ROWS"
+
+
+def chunk_rows(rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
+    """Rows per linear_cross_entropy chunk: the logits of a chunk fit the budget, at least 1 row."""
+    forced = os.environ.get(CHUNK_ROWS_ENV)
+    if forced:
+        return max(1, int(forced))
+    budget = CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 8)
+    n = budget // max(1, vocab * itemsize)
+    if n >= 256:
+        n -= n % 128  # whole 128-row tiles for the matmuls
+    return int(max(1, min(rows, n)))
+
+
+def _chunked(launchers, input, weight, bias, target, ignore_index, label_smoothing, grad_scale, per_row_scale,
+             want_loss, needs_input, needs_weight, needs_bias, round_sums=True):
+    """One walk over the row chunks: loss rows and/or the three gradients, grad_scale applied per row.
+
+    grad_weight and grad_bias are float32 (float64) sums, rounded to the weight's dtype if round_sums."""
+    R, H = input.shape
+    V = weight.shape[0]
+    acc = acc_dtype(input.dtype)
+    device = input.device
+    loss_rows = torch.empty((R,), device=device, dtype=acc) if want_loss else None
+    grad_input = torch.empty((R, H), device=device, dtype=input.dtype) if needs_input else None
+    # Accumulated in float32 (float64), rounded once below: see the module docstring.
+    grad_weight = torch.zeros((V, H), device=device, dtype=acc) if needs_weight else None
+    grad_bias = torch.zeros((V,), device=device, dtype=acc) if needs_bias else None
+    compute_grad = needs_input or needs_weight or needs_bias
+    no_saved = input.new_empty((0, 0))
+    accumulate = getattr(launchers, "linear_grad_weight_accumulate", None)
+    step = chunk_rows(R, V, input.element_size(), device)
+    for start in range(0, R, step):
+        end = min(R, start + step)
+        x = input[start:end]
+        logits = launchers.linear_fwd(x, weight, bias, None, 0.0)[0]
+        scale = grad_scale[start:end] if per_row_scale else grad_scale
+        loss_chunk, grad = launchers.cross_entropy_fwd(logits, target[start:end], None, scale, ignore_index,
+                                                       label_smoothing, compute_grad, inplace=True)
+        if want_loss:
+            loss_rows[start:end] = loss_chunk
+        if needs_input:
+            grad_input[start:end] = launchers.linear_bwd(grad, x, weight, None, no_saved, None, None, 0.0,
+                                                         True, False, False)[0]
+        if needs_weight and accumulate is not None:
+            accumulate(grad, x, grad_weight, grad_bias)
+        elif needs_weight or needs_bias:
+            # A backend without an accumulating kernel: a fresh (V, H) partial per chunk.
+            _, partial_weight, partial_bias = launchers.linear_bwd(grad, x, weight, None, no_saved, None, None, 0.0,
+                                                                   False, needs_weight, needs_bias)
+            if needs_weight:
+                grad_weight += partial_weight
+            if needs_bias:
+                grad_bias += partial_bias
+        del logits, grad
+    if round_sums:
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
+    return loss_rows, grad_input, grad_weight, grad_bias
+
+
+def torch_loss(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+               label_smoothing: float, reduction: str) -> Tensor:
+    """cross_entropy(linear(input, weight, bias), target) in torch's differentiable ops."""
+    return F.cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
+def torch_composite(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                    label_smoothing: float, reduction: str, needs_input_grad: bool, needs_weight_grad: bool,
+                    needs_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The "torch" entry: the unfused composition with empty gradients (torch's autograd differentiates
+    the loss), for torch.func transforms and forward AD."""
+    empty = input.new_empty((0,))
+    return torch_loss(input, weight, bias, target, ignore_index, label_smoothing, reduction), empty, empty, empty
+
+
+def define_op(backend: str):
+    def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                             ignore_index: int, label_smoothing: float, reduction: str, needs_input_grad: bool,
+                             needs_weight_grad: bool, needs_bias_grad: bool
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        denominator, scale = reduction_scale(reduction, target, None, ignore_index, weight.shape[0],
+                                             acc_dtype(input.dtype), input.device)
+        # "none": gradients need the per-row grad_output, so the backward computes them.
+        grads_now = reduction != "none"
+        loss_rows, grad_input, grad_weight, grad_bias = _chunked(
+            backends.get(backend), input, weight, bias, target, ignore_index, label_smoothing, scale, False,
+            True, grads_now and needs_input_grad, grads_now and needs_weight_grad, grads_now and needs_bias_grad,
+            round_sums=False)  # the backward's scaling rounds them
+        loss = reduce_rows(loss_rows, reduction, denominator, input.dtype)
+        sums_like = input.new_empty((0,), dtype=acc_dtype(input.dtype))
+        return loss, *or_empty((grad_input,), input), *or_empty((grad_weight, grad_bias), sums_like)
+
+    def linear_cross_entropy_fake(input, weight, bias, target, ignore_index, label_smoothing, reduction,
+                                  needs_input_grad, needs_weight_grad, needs_bias_grad):
+        loss = input.new_empty((input.shape[0],) if reduction == "none" else ())
+        now = reduction != "none"
+        grad_input, grad_weight, grad_bias = fake_dense_grads(input, weight, now and needs_input_grad,
+                                                              now and needs_weight_grad, now and needs_bias_grad)
+        acc = acc_dtype(input.dtype)  # the unrounded float32 (float64) sums
+        return loss, grad_input, grad_weight.to(acc), grad_bias.to(acc)
+
+    def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                      target: Tensor, ignore_index: int, label_smoothing: float,
+                                      needs_input_grad: bool, needs_weight_grad: bool, needs_bias_grad: bool
+                                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """reduction="none": the chunks again, each row's gradient scaled by its grad_output."""
+        _, grad_input, grad_weight, grad_bias = _chunked(
+            backends.get(backend), input, weight, bias, target, ignore_index, label_smoothing, grad_loss, True,
+            False, needs_input_grad, needs_weight_grad, needs_bias_grad)
+        return or_empty((grad_input, grad_weight, grad_bias), input)
+
+    def linear_cross_entropy_backward_fake(grad_loss, input, weight, bias, target, ignore_index, label_smoothing,
+                                           needs_input_grad, needs_weight_grad, needs_bias_grad):
+        return fake_dense_grads(input, weight, needs_input_grad, needs_weight_grad, needs_bias_grad)
+
+    fwd = define("linear_cross_entropy", backend, linear_cross_entropy, linear_cross_entropy_fake)
+    bwd_none = define("linear_cross_entropy_backward", backend, linear_cross_entropy_backward,
+                      linear_cross_entropy_backward_fake)
+    scale_op = scale_rows_op(backend)
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, ignore_index, label_smoothing, reduction, *needs = inputs
+        _, grad_input, grad_weight, grad_bias = output
+        ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+        ctx.needs = needs
+        # The inputs for "none"'s backward and for a create_graph backward; the gradients the
+        # forward computed for "mean"/"sum".
+        ctx.save_for_backward(input, weight, bias, target,
+                              *((None,) * 3 if reduction == "none" else (grad_input, grad_weight, grad_bias)))
+        ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
+
+    def backward(ctx, grad_loss, *_):
+        none = (None,) * 10
+        if grad_loss is None:  # the gradients it returns are not differentiable
+            return none
+        input, weight, bias, target, *grads = ctx.saved_tensors
+        needs = [a and b for a, b in zip(ctx.needs_input_grad[:3], ctx.needs)]
+        if create_graph():
+            grads = recompute_grads(
+                lambda x, w, b: torch_loss(x, w, b, target, ctx.ignore_index, ctx.label_smoothing, ctx.reduction),
+                (input, weight, bias), needs, (grad_loss,))
+        elif ctx.reduction == "none":
+            grads = bwd_none(grad_loss, input, weight, bias, target, ctx.ignore_index, ctx.label_smoothing,
+                             *needs)
+        else:
+            dtypes = (input.dtype, weight.dtype, weight.dtype)
+            grads = [scale_op(grad, grad_loss, dtype) if need else None
+                     for grad, need, dtype in zip(grads, needs, dtypes)]
+        return (*(g if need else None for g, need in zip(grads, needs)), *none[3:])
+
+    register_autograd(fwd, backward, setup_context)
+    return fwd
+
+
+# {backend: op}, defined on first lookup; new code calls fastdl.ops.get("linear_cross_entropy", backend).
+LINEAR_CE_OPS = OpTable("linear_cross_entropy")
