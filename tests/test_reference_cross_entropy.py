@@ -163,3 +163,34 @@ def test_linear_cross_entropy_reference_matches_torch(reduction, has_bias, label
         np.testing.assert_allclose(grad_b, b.grad.numpy(), **TOL)
     else:
         assert grad_b is None
+
+
+# Degenerate cases where the reference once differed from torch (issue #6, items 10 and 13): torch's
+# own float64 result is the expectation, nan included (assert_allclose treats nan == nan).
+DEGENERATE = {
+    # no classes, every target ignored, label smoothing: torch's eps / C is inf, every loss nan
+    "no_classes_smoothing": lambda: (torch.zeros(3, 0, dtype=torch.float64), torch.full((3,), -100), None, 0.1),
+    "no_classes": lambda: (torch.zeros(3, 0, dtype=torch.float64), torch.full((3,), -100), None, 0.0),
+    # every target's class weight 0: "mean" divides by 0, torch gives nan (not inf) and nan gradients
+    "zero_target_weights_smoothing": lambda: (make_tensor((4, 5), torch.float64, seed=1), torch.tensor([0, 1, 2, 1]),
+                                              torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0], dtype=torch.float64), 0.2),
+    "zero_target_weights": lambda: (make_tensor((4, 5), torch.float64, seed=2), torch.tensor([0, 1, 2, 1]),
+                                    torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0], dtype=torch.float64), 0.0),
+    # +inf on the target class (and elsewhere): the whole row is nan in torch, loss and gradient
+    "plus_inf_on_target": lambda: (torch.tensor([[0.5, float("inf"), -1.0], [0.1, 0.2, 0.3]], dtype=torch.float64),
+                                   torch.tensor([1, 2]), None, 0.0),
+    "plus_inf_off_target": lambda: (torch.tensor([[0.5, float("inf"), -1.0], [0.1, 0.2, 0.3]], dtype=torch.float64),
+                                    torch.tensor([0, 2]), None, 0.1),
+    # a row of -inf and a row holding nan
+    "minus_inf_row": lambda: (torch.tensor([[-float("inf")] * 3, [0.1, 0.2, 0.3]], dtype=torch.float64),
+                              torch.tensor([1, 2]), None, 0.0),
+    "nan_in_row": lambda: (torch.tensor([[0.5, float("nan"), -1.0], [0.1, 0.2, 0.3]], dtype=torch.float64),
+                           torch.tensor([0, 2]), None, 0.0),
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_cases_match_torch(case, reduction):
+    x, target, weight, label_smoothing = DEGENERATE[case]()
+    check_against_torch(x, target, weight, -100, reduction, label_smoothing)

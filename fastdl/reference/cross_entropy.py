@@ -30,7 +30,8 @@ def _rows_layout(x: np.ndarray):
     if x.ndim == 1:
         return x[None, :], ()
     moved = np.moveaxis(x, 1, -1)
-    return moved.reshape(-1, x.shape[1]), moved.shape[:-1]
+    # Rows counted explicitly: reshape(-1, 0) cannot infer them when there are no classes.
+    return moved.reshape(int(np.prod(moved.shape[:-1])), x.shape[1]), moved.shape[:-1]
 
 
 def _from_rows(rows: np.ndarray, shape: tuple) -> np.ndarray:
@@ -42,9 +43,12 @@ def _from_rows(rows: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def log_softmax(x: np.ndarray):
-    """Row-wise log-softmax of (rows, C); a row of -inf gives nan (as torch), never a warning."""
+    """Row-wise log-softmax of (rows, C), as torch: a row of -inf, a row holding +inf and a row holding
+    nan are all nan; never a warning."""
     m = np.max(x, axis=1, initial=-np.inf)
-    shift = np.where(np.isfinite(m), m, 0.0)
+    # Only an all -inf row is shifted by 0 (its max minus itself would be nan before exp); a +inf
+    # max stays, so inf - inf makes the row nan exactly where torch's does.
+    shift = np.where(m == -np.inf, 0.0, m)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         s = np.exp(x - shift[:, None]).sum(axis=1)
         lse = shift + np.log(s)
@@ -63,12 +67,15 @@ def rows_forward(logits, target, weight, ignore_index=-100, label_smoothing=0.0)
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     eps = max(float(label_smoothing), 0.0)
     logp = log_softmax(x)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # torch multiplies the smoothing term by eps / C: with no classes that is inf, and every
+        # row's loss 0 * inf = nan (ignored rows too), which np.float64 division reproduces.
+        smooth_share = np.float64(eps) / C if eps > 0 else 0.0
         p = np.exp(logp)
         if np.issubdtype(np.asarray(target).dtype, np.floating):
             q = np.asarray(target, dtype=np.float64)
             if eps > 0:
-                q = q * (1.0 - eps) + eps / C
+                q = q * (1.0 - eps) + smooth_share
             T = w * q
             loss = -(T * logp).sum(axis=1)
             row_weight = np.ones(rows)
@@ -83,9 +90,9 @@ def rows_forward(logits, target, weight, ignore_index=-100, label_smoothing=0.0)
             nll = np.where(valid, -row_weight * logp[np.arange(rows), t_safe] if C else 0.0, 0.0)
             loss = nll
             if eps > 0:
-                T = T + np.where(valid, eps / C, 0.0)[:, None] * w
+                T = T + np.where(valid, smooth_share, 0.0)[:, None] * w
                 smooth = np.where(valid, -(w * logp).sum(axis=1), 0.0)
-                loss = (1.0 - eps) * nll + eps / C * smooth
+                loss = (1.0 - eps) * nll + smooth_share * smooth
         # Ignored rows have T == 0: their gradient is 0 * softmax, nan for a row of -inf as in torch.
         dloss = p * T.sum(axis=1, keepdims=True) - T
     return loss, dloss, row_weight
@@ -110,8 +117,10 @@ def forward(input, target, weight=None, ignore_index=-100, reduction="mean", lab
             scale = np.ones(len(loss))
         else:
             denom = float(len(loss)) if prob else row_weight.sum()
+            # A zero denominator (every row ignored, or every target's class weight 0) gives nan, as
+            # torch's 0 / 0: the loss, and the gradient of every row that is not ignored.
             out = np.float64(loss.sum() / denom) if denom else np.float64(np.nan)
-            scale = np.full(len(loss), 1.0 / denom if denom else np.inf)
+            scale = np.full(len(loss), 1.0 / denom if denom else np.nan)
     saved = dict(x_rows=x_rows, t_rows=t_rows, weight=weight, prob=prob, dloss=dloss, scale=scale,
                  ignore_index=ignore_index, label_smoothing=max(float(label_smoothing), 0.0),
                  reduction=reduction, input_shape=x.shape, target_shape=tgt.shape)
@@ -139,7 +148,8 @@ def backward(grad_out, saved):
     logp = log_softmax(x_rows)
     w = np.ones(C) if saved["weight"] is None else np.asarray(saved["weight"], dtype=np.float64)
     eps = saved["label_smoothing"]
-    q = saved["t_rows"] * (1.0 - eps) + eps / C if eps > 0 else saved["t_rows"]
+    with np.errstate(divide="ignore"):
+        q = saved["t_rows"] * (1.0 - eps) + np.float64(eps) / C if eps > 0 else saved["t_rows"]
     with np.errstate(invalid="ignore"):
         grad_t_rows = -(1.0 - eps) * w * logp * scale[:, None]
         grad_weight = -(q * logp * scale[:, None]).sum(axis=0)
