@@ -231,7 +231,7 @@ def _check_cross_entropy(backend, dtype, device):
 def _check_linear_cross_entropy(backend, dtype, device):
     import os
 
-    from fastdl.ops import cross_entropy as ops
+    from fastdl.ops import linear_cross_entropy as ops
     from fastdl.reference import cross_entropy as ref
 
     if not _has_cross_entropy(backend):

@@ -28,8 +28,8 @@ from fastdl.backends import reference as reference_backend
 from fastdl.ops import cross_entropy as ce_ops
 from fastdl.reference import cross_entropy as ref
 from fastdl.testing import assert_close, make_tensor
-from test_cross_entropy import (REDUCTIONS, TARGET_KINDS, check_infinities_and_nans_match_torch, make_target,
-                                run_cross_entropy)
+from test_cross_entropy import (REDUCTIONS, TARGET_KINDS, check_degenerate_cases_match_torch,
+                                check_infinities_and_nans_match_torch, make_target, run_cross_entropy)
 from test_linear_cross_entropy import run_linear_cross_entropy
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -159,6 +159,10 @@ def test_emulated_large_logits_and_minus_inf(emulated_functional, dtype):
         assert torch.isfinite(loss).all() and torch.isfinite(xx.grad).all()
         assert_close(loss, expected, dtype, name="loss")
         assert_close(xx.grad, ref.backward(_np(grad_out), saved)[0], dtype, name="grad_input")
+
+
+def test_emulated_degenerate_cases_where_torch_has_them(emulated_functional):
+    check_degenerate_cases_match_torch("cupy")
 
 
 def test_emulated_infinities_and_nans_where_torch_has_them(emulated_functional):

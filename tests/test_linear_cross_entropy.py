@@ -252,3 +252,43 @@ def test_grad_weight_accumulates_across_chunks_in_float32(monkeypatch):
         error = lambda g: ((g - want).abs().max() / want.abs().max()).item()  # noqa: E731
         assert error(got) <= max(error(theirs), 1e-4), f"{name}: {error(got):.2e} vs torch's {error(theirs):.2e}"
         assert_close(got, want, torch.float16, name=name)
+
+
+_RSS_SCRIPT = """
+import resource, sys, torch
+torch.set_num_threads(1)
+import fastdl, torch.nn.functional as F
+import fastdl.ops.linear_cross_entropy as lce_ops
+lce_ops.CHUNK_BYTES = 32 * 2**20  # a small budget, so a small shape runs several chunks
+N, V, H = 512, 8000, 32
+g = torch.Generator().manual_seed(0)
+x = torch.randn(N, H, generator=g, requires_grad=True)
+w = (torch.randn(V, H, generator=g) * 0.1).requires_grad_()
+t = torch.randint(0, V, (N,), generator=g)
+small = torch.randn(4, H, requires_grad=True), torch.randn(8, H, requires_grad=True), torch.tensor([0, 1, 2, 3])
+F.cross_entropy(F.linear(*small[:2]), small[2]).backward()  # lazy imports and allocator warm-up
+fastdl.functional.linear_cross_entropy(*small).backward()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "torch":
+    F.cross_entropy(F.linear(x, w), t).backward()
+else:
+    with fastdl.use_backend("reference"):
+        fastdl.functional.linear_cross_entropy(x, w, t).backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_reference_chunks_fit_their_float64_temporaries():
+    # The reference backend makes about 8 float64 arrays of a chunk's shape; its chunks were sized by
+    # the input's itemsize, so its peak was ~4x torch's unfused path (1.4 GB vs 375 MB at
+    # N=1024, V=32000). Sized by its LINEAR_CE_BYTES_PER_LOGIT, it stays below torch's.
+    import subprocess
+    import sys
+
+    def growth(which):
+        run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, which], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.split()[-1])
+
+    ours, theirs = growth("fastdl"), growth("torch")
+    assert ours <= theirs, f"reference linear_cross_entropy grew RSS by {ours / 2**20:.0f} MiB, torch {theirs / 2**20:.0f} MiB"

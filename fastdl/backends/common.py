@@ -52,3 +52,15 @@ def cross_entropy_outputs(logits: torch.Tensor, compute_grad: bool, inplace: boo
     else:
         grad = torch.empty((R, C), device=logits.device, dtype=logits.dtype)
     return loss_rows, grad
+
+
+def check_class_targets(op: str, target: torch.Tensor, C: int, ignore_index: int) -> None:
+    """IndexError naming the first class index outside [0, C) that is not ignore_index, as torch.
+
+    Reads the targets on the host: the functional layer calls it for CPU tensors (or when asked on
+    CUDA), the reference backend inside its launcher, so compiled graphs are checked too.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    if bool(bad.any()):
+        value = int(target[bad].reshape(-1)[0])
+        raise IndexError(f"{op}: Target {value} is out of bounds. (classes 0..{C - 1}, ignore_index={ignore_index})")

@@ -4,25 +4,25 @@ anything is allocated or written; backends trust what passes them.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import operator
+import os
+
 import torch
-import torch.nn.functional as F
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
+
+from fastdl import backends
+from fastdl.backends.common import check_class_targets
+from fastdl.ops.linear import TORCH_ACTIVATIONS as _BY_OP_NAME
 
 ACTIVATIONS = (None, "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# Unfused torch equivalents; used only for a bias that varies along rows (see linear()).
-_TORCH_ACTIVATIONS = {
-    None: lambda z, s: z,
-    "relu": lambda z, s: F.relu(z),
-    "leaky_relu": lambda z, s: F.leaky_relu(z, s),
-    "gelu": lambda z, s: F.gelu(z),
-    "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"),
-    "silu": lambda z, s: F.silu(z),
-    "sigmoid": lambda z, s: torch.sigmoid(z),
-    "tanh": lambda z, s: torch.tanh(z),
-}
-
+# torch's own activations, keyed by the public names (None for none): the ops' table, for the
+# unfused path (a bias that varies along rows) and for tests comparing with torch.
+_TORCH_ACTIVATIONS = {None if name == "none" else name: fn for name, fn in _BY_OP_NAME.items()}
 
 def _shape(t: Tensor) -> str:
     return "x".join(str(d) for d in t.shape) or "scalar"
@@ -31,6 +31,18 @@ def _shape(t: Tensor) -> str:
 def check_activation(op: str, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"fastdl.{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _check_ignore_index(op: str, value, position: int | None = None) -> int:
+    """torch's rule for an int argument: anything with __index__ (numpy and 0-dim integer tensors
+    too), but not a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    where = f" (position {position})" if position else ""
+    raise TypeError(f"{op}(): argument 'ignore_index'{where} must be int, not {type(value).__name__}")
 
 
 def _check_tensor(op: str, name: str, value, position: int) -> None:
@@ -123,20 +135,16 @@ def _shape_of(shape) -> str:
 def _check_targets_in_range(op: str, target: Tensor, C: int, ignore_index: int, backend: str) -> None:
     """IndexError naming the first bad target, as torch; on CUDA only when asked (it syncs).
 
-    Skipped while torch.compile traces (a data-dependent branch would break the graph); the
-    kernel's device-side assert still stands guard on the GPU.
+    Skipped while torch.compile traces (a data-dependent branch would break the graph) and under
+    torch.func transforms (backend "torch": torch's own ops check). Compiled code is still guarded:
+    the reference backend checks inside its launcher at run time, and the GPU kernels carry a
+    device-side assert.
     """
-    import os
-
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or backend == "torch":
         return
     if target.device.type == "cuda" and backend != "reference" and os.environ.get(CHECK_TARGETS_ENV, "0") != "1":
         return
-    bad = (target != ignore_index) & ((target < 0) | (target >= C))
-    if bool(bad.any()):
-        value = int(target[bad].reshape(-1)[0])
-        raise IndexError(f"fastdl.{op}: Target {value} is out of bounds. (classes 0..{C - 1}, "
-                         f"ignore_index={ignore_index})")
+    check_class_targets(f"fastdl.{op}", target, C, ignore_index)
 
 
 def _check_same_device(op: str, *tensors) -> None:
@@ -144,3 +152,49 @@ def _check_same_device(op: str, *tensors) -> None:
     if len(devices) > 1:
         raise RuntimeError(f"fastdl.{op}: expected all tensors to be on the same device, got "
                            f"{', '.join(sorted(str(d) for d in devices))}")
+
+
+# --- how a call reaches its op ---
+
+def torch_function_dispatch(*tensor_params: str):
+    """Make a functional entry point take part in torch's function dispatch, as torch.nn.functional's do.
+
+    Tensor-likes that override __torch_function__ (torch.fx's Proxy, tensor subclasses) and active
+    TorchFunctionModes get the call first, with the public function as `func`: so torch.fx traces a
+    model holding fastdl modules as calls to fastdl.functional.<op>, and users' own fx passes and
+    modes see fastdl's ops. `tensor_params` names the parameters that may carry tensors.
+    """
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)
+        where = tuple((names.index(name), name) for name in tensor_params)
+
+        @functools.wraps(fn)
+        def dispatched(*args, **kwargs):
+            relevant = tuple(args[i] if i < len(args) else kwargs.get(name) for i, name in where)
+            if has_torch_function(relevant):
+                return handle_torch_function(dispatched, relevant, *args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return dispatched
+
+    return decorate
+
+
+def _has_tangent(tensors) -> bool:
+    if _forward_ad._current_level < 0:  # no dual_level is open: the common case, one int compare
+        return False
+    return any(isinstance(t, Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def backend_for(device: torch.device, *tensors) -> str:
+    """The backend a call runs on: the selected (or default) one, or "torch" under transforms.
+
+    fastdl's ops are torch.library custom ops with a reverse-mode autograd formula; torch.func's
+    transforms (grad, vmap, jacrev, jvp, functional_call-based per-sample gradients) and
+    forward-mode AD (torch.autograd.forward_ad) cannot run through those. Under them the call runs
+    the op's "torch" entry (fastdl.ops.get(op, "torch")): the same computation in torch's own
+    differentiable ops, so results and derivatives are torch's, never silently missing.
+    """
+    if torch._C._are_functorch_transforms_active() or _has_tangent(tensors):
+        return "torch"
+    return backends.resolve(device)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdl import backends
-from fastdl.functional._checks import (_autocast, _check_class_weight, _check_index_target, _check_label_smoothing,
-                                       _check_same_device, _check_targets_in_range, _check_tensor, _reduction,
-                                       _shape)
-from fastdl.ops.cross_entropy import CE_OPS as _CE_OPS
+from fastdl import ops
+from fastdl.functional._checks import (_autocast, _check_class_weight, _check_ignore_index, _check_index_target,
+                                       _check_label_smoothing, _check_same_device, _check_targets_in_range,
+                                       _check_tensor, _reduction, _shape, backend_for, torch_function_dispatch)
 
 
+@torch_function_dispatch("input", "target", "weight")
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
@@ -31,8 +31,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     _check_tensor(op, "target", target, 2)
     if weight is not None:
         _check_tensor(op, "weight", weight, 3)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"{op}(): argument 'ignore_index' (position 5) must be int, not {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(op, ignore_index, 5)
     reduction = _reduction(op, reduction, size_average, reduce)
     label_smoothing = float(label_smoothing)
     if not input.is_floating_point():
@@ -72,7 +71,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"fastdl.{op}: not differentiable with respect to argument 'weight' for class-index "
                                f"targets (as torch's nll_loss); detach it")
-    backend = backends.resolve(input.device)
+    # No classes at all (every index target ignored, validated above): nothing for a kernel to do,
+    # and torch's degenerate results (nan with label smoothing) come from torch's own ops.
+    backend = "torch" if C == 0 else backend_for(input.device, input, target, weight)
     if not prob:
         _check_targets_in_range(op, target, C, ignore_index, backend)
     # Rows of C classes, class dimension last: a view for (C,), (N, C) and (1, C, d...), a copy otherwise.
@@ -87,6 +88,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     else:
         target_rows = target.reshape(-1).long()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _CE_OPS[backend](logits, target_rows, weight, int(ignore_index), label_smoothing, reduction,
-                               compute_grad)
+    loss, _ = ops.get("cross_entropy", backend)(logits, target_rows, weight, ignore_index, label_smoothing,
+                                                reduction, compute_grad)
     return loss.reshape(rows_shape) if reduction == "none" else loss

@@ -6,12 +6,13 @@ import math
 import torch
 from torch import Tensor
 
-from fastdl import backends
+from fastdl import ops
 from fastdl.functional._checks import (_TORCH_ACTIVATIONS, _autocast, _check_dense_dtypes, _check_same_device,
-                                       _check_tensor, _shape, check_activation)
-from fastdl.ops.linear import OPS as _LINEAR_OPS
+                                       _check_tensor, _shape, backend_for, check_activation,
+                                       torch_function_dispatch)
 
 
+@torch_function_dispatch("input", "weight", "bias")
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
            negative_slope: float = 0.01) -> Tensor:
     """act(input @ weight.T + bias), with torch.nn.functional.linear's semantics and the activation fused."""
@@ -52,8 +53,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
             row_bias = bias.reshape(1).expand(out_features)
         elif weight.dim() == 2 and squeezed == (out_features,):
             row_bias = bias.reshape(out_features)
-    backend = backends.resolve(input.device)
-    op = _LINEAR_OPS[backend]
+    op = ops.get("linear", backend_for(input.device, input, weight, bias))
     input_2d = input.reshape(math.prod(input.shape[:-1]), in_features)
     if bias is not None and row_bias is None:
         # A bias that differs between rows cannot ride in the epilogue; add it unfused.

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdl import backends
-from fastdl.functional._checks import (_autocast, _check_dense_dtypes, _check_index_target, _check_label_smoothing,
-                                       _check_same_device, _check_targets_in_range, _check_tensor, _reduction,
-                                       _shape)
-from fastdl.ops.cross_entropy import LINEAR_CE_OPS as _LINEAR_CE_OPS
+from fastdl import ops
+from fastdl.functional._checks import (_autocast, _check_dense_dtypes, _check_ignore_index, _check_index_target,
+                                       _check_label_smoothing, _check_same_device, _check_targets_in_range,
+                                       _check_tensor, _reduction, _shape, backend_for, torch_function_dispatch)
 
 
+@torch_function_dispatch("input", "weight", "target", "bias")
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """cross_entropy(linear(input, weight, bias), target, ...) without ever holding the (N, V) logits.
@@ -29,8 +29,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Te
         _check_tensor(op, "bias", bias, 4)
     reduction = _reduction(op, reduction)
     label_smoothing = float(label_smoothing)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"{op}(): argument 'ignore_index' must be int, not {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(op, ignore_index)
     if input.dim() not in (1, 2):
         raise RuntimeError(f"fastdl.{op}: input must be (N, H) or (H,), got {_shape(input)}; flatten the "
                            f"leading dimensions (input.flatten(0, -2), target.flatten())")
@@ -61,15 +60,17 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Te
     label_smoothing = _check_label_smoothing(op, label_smoothing)
     if not prob:
         _check_index_target(op, logits_shape, target)
-    backend = backends.resolve(input.device)
+    # No classes (every index target ignored): nothing for a kernel to do; torch's degenerate results
+    # (nan with label smoothing) come from torch's own ops, as in cross_entropy.
+    backend = "torch" if V == 0 else backend_for(input.device, input, weight, bias, target)
     if not prob:
         _check_targets_in_range(op, target, V, ignore_index, backend)
     input_2d = input.reshape(-1, input.shape[-1])
     target_rows = target.reshape(-1, V) if prob else target.reshape(-1).long()
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (input, weight, bias)]
-    loss, *_ = _LINEAR_CE_OPS[backend](input_2d, weight, bias, target_rows, int(ignore_index), label_smoothing,
-                                      reduction, *needs)
+    loss, *_ = ops.get("linear_cross_entropy", backend)(input_2d, weight, bias, target_rows, ignore_index,
+                                                        label_smoothing, reduction, *needs)
     if reduction == "none":
         loss = loss.reshape(logits_shape[:-1])
     # Under autocast torch would run the cross-entropy (so the loss) in float32.

@@ -32,8 +32,6 @@ The rules, for every op's autograd (`register_autograd` applies the first):
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 # The backends that have kernels (a custom op each); "torch" is the plain-function entry.
@@ -102,27 +100,3 @@ def fake_dense_grads(input, weight, needs_input_grad: bool, needs_weight_grad: b
     return (input.new_empty(input.shape) if needs_input_grad else empty,
             weight.new_empty(weight.shape) if needs_weight_grad else empty,
             weight.new_empty((weight.shape[0],)) if needs_bias_grad else empty)
-
-
-class OpTable(Mapping):
-    """{backend: op} for one op, each entry defined on first lookup through fastdl.ops.get.
-
-    The tables fastdl.ops.linear.OPS, cross_entropy.CE_OPS and LINEAR_CE_OPS were dicts built at
-    import; kept for callers that still index them.
-    """
-
-    def __init__(self, op: str):
-        self.op = op
-
-    def __getitem__(self, backend: str):
-        if backend not in BACKEND_NAMES + ("torch",):
-            raise KeyError(backend)
-        from fastdl import ops
-
-        return ops.get(self.op, backend)
-
-    def __iter__(self):
-        return iter(BACKEND_NAMES)
-
-    def __len__(self) -> int:
-        return len(BACKEND_NAMES)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import OpTable, create_graph, define, register_autograd
+from fastdl.ops._define import create_graph, define, register_autograd
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,7 +66,15 @@ def reduction_scale(reduction: str, target: Tensor, weight: Optional[Tensor], ig
     if reduction != "mean":
         return None, torch.ones((), device=device, dtype=dtype)
     denominator = mean_denominator(target, weight, ignore_index, C, dtype)
-    return denominator, torch.reciprocal(denominator)
+    return denominator, _nan_over_zero(torch.ones((), device=device, dtype=dtype), denominator)
+
+
+def _nan_over_zero(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, nan where the denominator is 0: torch's "mean" is 0 / 0 there (every
+    row ignored, or every target's class weight 0), nan even when label smoothing makes the sum
+    nonzero, and so is the gradient of every row that is not ignored (the kernels zero the ignored
+    rows' scale with a select, so their gradient stays 0)."""
+    return torch.where(denominator == 0, torch.full_like(numerator, float("nan")), numerator / denominator)
 
 
 def reduce_rows(loss_rows: Tensor, reduction: str, denominator: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -74,7 +82,7 @@ def reduce_rows(loss_rows: Tensor, reduction: str, denominator: Optional[Tensor]
         return loss_rows.to(dtype)
     total = loss_rows.sum()
     if reduction == "mean":
-        total = total / denominator
+        total = _nan_over_zero(total, denominator)
     return total.to(dtype)
 
 
@@ -258,18 +266,3 @@ def define_op(backend: str):
 
     register_autograd(fwd, backward, setup_context)
     return fwd
-
-
-# {backend: op}, defined on first lookup; new code calls fastdl.ops.get("cross_entropy", backend).
-CE_OPS = OpTable("cross_entropy")
-
-_MOVED = ("LINEAR_CE_OPS", "CHUNK_BYTES", "CHUNK_ROWS_ENV", "chunk_rows")
-
-
-def __getattr__(name: str):
-    # linear_cross_entropy's names, which lived here before it had its own module.
-    if name in _MOVED:
-        from fastdl.ops import linear_cross_entropy
-
-        return getattr(linear_cross_entropy, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

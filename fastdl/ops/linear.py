@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import (OpTable, create_graph, define, fake_dense_grads, or_empty, recompute_grads,
+from fastdl.ops._define import (create_graph, define, fake_dense_grads, or_empty, recompute_grads,
                                 register_autograd)
 
 SAVES_OUTPUT = ("sigmoid", "tanh")
@@ -117,4 +117,3 @@ def define_op(backend: str):
 
 
 # {backend: op}, defined on first lookup; new code calls fastdl.ops.get("linear", backend).
-OPS = OpTable("linear")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import (OpTable, create_graph, define, fake_dense_grads, or_empty, recompute_grads,
+from fastdl.ops._define import (create_graph, define, fake_dense_grads, or_empty, recompute_grads,
                                 register_autograd)
 from fastdl.ops.cross_entropy import acc_dtype, reduce_rows, reduction_scale, scale_rows_op
 
@@ -80,7 +80,9 @@ def _chunked(launchers, input, weight, bias, target, ignore_index, label_smoothi
     compute_grad = needs_input or needs_weight or needs_bias
     no_saved = input.new_empty((0, 0))
     accumulate = getattr(launchers, "linear_grad_weight_accumulate", None)
-    step = chunk_rows(R, V, input.element_size(), device)
+    # The budget counts what a chunk really holds per logit: the logits' own bytes on the GPU
+    # backends, the float64 temporaries on the reference backend (its LINEAR_CE_BYTES_PER_LOGIT).
+    step = chunk_rows(R, V, getattr(launchers, "LINEAR_CE_BYTES_PER_LOGIT", input.element_size()), device)
     for start in range(0, R, step):
         end = min(R, start + step)
         x = input[start:end]
@@ -206,4 +208,3 @@ def define_op(backend: str):
 
 
 # {backend: op}, defined on first lookup; new code calls fastdl.ops.get("linear_cross_entropy", backend).
-LINEAR_CE_OPS = OpTable("linear_cross_entropy")

@@ -23,6 +23,7 @@ import inspect
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton.language as tl
 
@@ -42,7 +43,8 @@ INTERPRETER_LOCK = threading.RLock()
 
 
 class _SerializedLaunch:
-    """``kernel[grid](...)`` with INTERPRETER_LOCK held for the whole launch (autotuning included)."""
+    """``kernel[grid](...)`` with INTERPRETER_LOCK held for the whole launch (autotuning included), and
+    NumPy's floating-point warnings off."""
 
     def __init__(self, kernel):
         self._kernel = kernel
@@ -51,7 +53,9 @@ class _SerializedLaunch:
         launch = self._kernel[grid]
 
         def locked(*args, **kwargs):
-            with INTERPRETER_LOCK:
+            # The interpreter computes with NumPy: inf and nan would print RuntimeWarnings that a GPU
+            # kernel (and torch) never prints.
+            with INTERPRETER_LOCK, np.errstate(all="ignore"):
                 return launch(*args, **kwargs)
 
         return locked
