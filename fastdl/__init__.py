@@ -17,7 +17,7 @@ import torch as _torch
 if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
     _os.environ["TRITON_INTERPRET"] = "1"
 
-from fastdl import ops  # noqa: E402,F401  (registers torch.ops.fastdl.*)
+from fastdl import ops  # noqa: E402,F401  (torch.ops.fastdl.<op>_<backend> are defined on first use: ops.get)
 from fastdl import functional, nn  # noqa: E402
 from fastdl.backends import available_backends, use_backend  # noqa: E402
 

@@ -17,7 +17,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Te
 
     input (N, H) or (H,), weight (V, H), bias (V,) or None, target (N,) class indices (or (N, V)
     probabilities, not differentiable here). The rows go through in chunks sized to a memory budget
-    (fastdl.ops.cross_entropy.CHUNK_BYTES, less when little GPU memory is free): per chunk the
+    (fastdl.ops.linear_cross_entropy.CHUNK_BYTES, less when little GPU memory is free): per chunk the
     logits, the fused loss + gradient written over them, then grad_input's rows and the
     accumulation of grad_weight and grad_bias. Forward and backward equal the unfused
     composition for every reduction, including "none" with a non-uniform grad_output.

@@ -1,7 +1,7 @@
 """Triton launchers for cross_entropy and linear_cross_entropy (kernels/triton/cross_entropy.py).
 
-The launcher interface every backend implements for them (fastdl/ops/cross_entropy.py is the only
-caller; it has validated everything):
+The launcher interface every backend implements for them (fastdl/ops/cross_entropy.py and
+linear_cross_entropy.py are the only callers; they have validated everything):
 
   cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
                     compute_grad, inplace=False) -> (loss_rows, grad_logits)
@@ -14,18 +14,8 @@ import torch
 import triton
 
 from fastdl.backends.common import cross_entropy_outputs
-from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, wrap_triton
-from fastdl.backends.triton._launch import interpreter_bf16
+from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, interpreter_bf16, wrap_triton
 from fastdl.kernels.triton import cross_entropy as _ce
-
-# The launcher interface every backend implements for cross_entropy and linear_cross_entropy
-# (fastdl/ops/cross_entropy.py is the only caller; it has validated everything):
-#
-#   cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
-#                     compute_grad, inplace=False) -> (loss_rows, grad_logits)
-#   cross_entropy_bwd(grad_logits, scale, out) -> out                (out = grad_logits * scale per row)
-#   linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias) -> None   (optional)
-
 
 
 @interpreter_bf16(results=("acc", "io"), mutates=("logits",))  # loss_rows, grad_logits; logits if inplace
