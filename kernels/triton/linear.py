@@ -28,8 +28,9 @@ def first_config_only() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("FASTDL_AUTOTUNE", "1") == "0"
 
 
-def matmul_configs(reduction_block: str = "BLOCK_K"):
-    """Tile shapes for the three matmuls; the first is the one kept when autotuning is off."""
+def matmul_configs(reduction_block: str = "BLOCK_K", every: bool = False):
+    """Tile shapes for the three matmuls; the first is the one kept when autotuning is off (every=True:
+    all of them regardless, for the tests that run each config's block sizes under the interpreter)."""
     shapes = [
         # (BLOCK_M|N, BLOCK_N|K, reduction block, warps, stages)
         (64, 64, 32, 4, 3),
@@ -41,7 +42,7 @@ def matmul_configs(reduction_block: str = "BLOCK_K"):
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 4),
     ]
-    if first_config_only():
+    if first_config_only() and not every:
         shapes = shapes[:1]
     outer = {"BLOCK_K": ("BLOCK_M", "BLOCK_N"), "BLOCK_N": ("BLOCK_M", "BLOCK_K"),
              "BLOCK_M": ("BLOCK_N", "BLOCK_K")}[reduction_block]
