@@ -61,8 +61,15 @@ class _SerializedLaunch:
         return locked
 
 
+# Set by fastdl.inspection.capture while it records what the launchers launch (nothing runs then):
+# a callable taking the kernel and returning what ``[grid](*args, **constexprs)`` is applied to.
+launch_interceptor = None
+
+
 def wrap_triton(kernel):
     """What every launcher launches through: ``wrap_triton(kernel)[grid](*args, **constexprs)``."""
+    if launch_interceptor is not None:
+        return launch_interceptor(kernel)
     wrapped = _torch_wrap_triton(kernel)
     if triton_interpreting():
         return _SerializedLaunch(wrapped)
