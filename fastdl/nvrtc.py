@@ -6,6 +6,7 @@ its template instantiations (name expressions), against the CUDA headers found h
 nvidia-cuda-runtime wheel, CUDA_PATH / CUDA_HOME, /usr/local/cuda) that best match this NVRTC.
 
     ok, log = compile_source(path, "sm_90")
+    compiled = compile_cubin(path, "sm_90")    # .cubin and .lowered too (fastdl inspect reads them)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib.resources
 import importlib.util
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Options shared with fastdl.backends.cupy. No fast-math: erf, tanh and exp must match torch.
@@ -135,6 +137,16 @@ def _check(nvrtc, result, what: str):
     return rest[0] if len(rest) == 1 else rest
 
 
+@dataclass
+class Compiled:
+    """An NVRTC compile: whether it succeeded, its log, the cubin, and each name expression's
+    lowered (mangled) name, the function's name in the cubin."""
+    ok: bool
+    log: str
+    cubin: bytes = b""
+    lowered: dict[str, str] = field(default_factory=dict)
+
+
 def compile_source(path_or_text, arch: str, name_expressions: tuple[str, ...] | None = None,
                    extra_options: tuple[str, ...] = ()) -> tuple[bool, str]:
     """Compile a .cu (a path, or the source text) for `arch` ("sm_80", "sm_90") to CUBIN.
@@ -143,6 +155,13 @@ def compile_source(path_or_text, arch: str, name_expressions: tuple[str, ...] | 
     source of that stem (or `name_expressions`), so templates are compiled, not just parsed; a
     path's preludes (the sources compiled before it, from the same folder) come first, as there.
     """
+    result = compile_cubin(path_or_text, arch, name_expressions, extra_options)
+    return result.ok, result.log
+
+
+def compile_cubin(path_or_text, arch: str, name_expressions: tuple[str, ...] | None = None,
+                  extra_options: tuple[str, ...] = ()) -> Compiled:
+    """compile_source, keeping the cubin and the lowered names (for fastdl.inspection)."""
     nvrtc = _nvrtc()
     if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and "\n" not in path_or_text
                                           and path_or_text.endswith((".cu", ".cuh"))):
@@ -169,18 +188,25 @@ def compile_source(path_or_text, arch: str, name_expressions: tuple[str, ...] | 
         _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log), "log")
         log_text = log.rstrip(b"\x00 ").decode(errors="replace")
         ok = result == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        cubin, lowered = b"", {}
         if ok:
             missing = []
             for expression in expressions:
-                err, lowered = nvrtc.nvrtcGetLoweredName(prog, expression.encode())
-                if err != nvrtc.nvrtcResult.NVRTC_SUCCESS or not lowered:
+                err, name_bytes = nvrtc.nvrtcGetLoweredName(prog, expression.encode())
+                if err != nvrtc.nvrtcResult.NVRTC_SUCCESS or not name_bytes:
                     missing.append(expression)
+                else:
+                    lowered[expression] = name_bytes.decode() if isinstance(name_bytes, bytes) else str(name_bytes)
             if missing:
                 ok = False
                 log_text += f"\nname expressions not instantiated: {', '.join(missing)}"
+            size = _check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
+            buffer = b" " * size
+            _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, buffer), "cubin")
+            cubin = bytes(buffer)
         if not headers:
             log_text += "\n(no CUDA header directory found: install nvidia-cuda-runtime or set CUDA_PATH)"
         header = f"nvrtc {'.'.join(map(str, nvrtc_version()))} {' '.join(options)}"
-        return ok, f"{header}\n{log_text}".strip()
+        return Compiled(ok, f"{header}\n{log_text}".strip(), cubin, lowered)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
