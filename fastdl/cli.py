@@ -1,4 +1,5 @@
-"""`fastdl verify` (parity report against the float64 reference) and `fastdl bench` (GPU benchmarks)."""
+"""`fastdl verify` (parity report against the float64 reference), `fastdl bench` (GPU benchmarks) and
+`fastdl inspect` (what the kernels compile to for sm_80/sm_90, without a GPU)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--ops", nargs="*", help="only these ops (default: all)")
     bench.add_argument("--quick", action="store_true", help="a few shapes only")
     bench.add_argument("--plot", metavar="DIR", help="only redraw the plots of DIR/<op>.json (no GPU needed)")
+    inspect = sub.add_parser("inspect", help="compile every kernel for a GPU target and read the binaries (no GPU needed)")
+    inspect.add_argument("--arch", choices=("sm_90", "sm_80", "native"), default="sm_90",
+                         help="target (native: this machine's CUDA device)")
+    inspect.add_argument("--op", action="append", help="only this op (repeatable; default: all)")
+    inspect.add_argument("--json", help="also write the rows to this JSON file")
+    inspect.add_argument("--configs", choices=("all", "default"), default="all",
+                         help="every autotune config, or only the first (default) one")
+    inspect.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
+    inspect.add_argument("--traffic", action="store_true",
+                         help="instead: compulsory memory traffic per op against torch eager's and the floor")
     args = parser.parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(args)
     if args.command == "verify":
         from fastdl import verify as _verify
 
@@ -27,6 +40,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         return _bench.plot_dir(args.plot)
     return _bench.run(out_dir=args.out, ops=args.ops, quick=args.quick)
+
+
+def _inspect(args) -> int:
+    import json
+    import time
+
+    if args.traffic:
+        try:
+            from fastdl.inspection import traffic
+        except ImportError as exc:
+            print(f"fastdl inspect --traffic: traffic accounting is not available here ({exc})", file=sys.stderr)
+            return 2
+        print(traffic.format(traffic.report(args.op)))
+        return 0
+    arch = args.arch
+    if arch == "native":
+        import torch
+
+        from fastdl.inspection.sass import DEVICES
+
+        if not torch.cuda.is_available():
+            print("fastdl inspect --arch native: no CUDA device here; name a target (--arch sm_90 or sm_80), "
+                  "which needs no GPU", file=sys.stderr)
+            return 2
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+        if arch not in DEVICES:
+            print(f"fastdl inspect --arch native: this device is {arch}; fastdl inspect knows the limits of "
+                  f"{', '.join(sorted(DEVICES))} only", file=sys.stderr)
+            return 2
+    from fastdl.inspection import inspect as _run_inspect
+    from fastdl.inspection import report
+
+    start = time.perf_counter()
+    result = _run_inspect([arch], args.op, args.configs, args.jobs)
+    rows = result["rows"]
+    print(report.format_report(rows))
+    print(f"{result['variants']} Triton variants from {result['launches']} launches; capture {result['capture_s']:.1f} s, "
+          f"compile and read {result['compile_s']:.1f} s, total {time.perf_counter() - start:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(r, findings=report.findings(r)) for r in rows], f, indent=1)
+    return 1 if any(r.get("error") for r in rows) else 0
 
 
 if __name__ == "__main__":

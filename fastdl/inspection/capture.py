@@ -1,0 +1,249 @@
+"""Record what the Triton launchers launch at GPU-sized shapes, without running anything.
+
+The library's own launch path runs (fastdl.ops.get(op, "triton"), forward and backward through
+autograd) on CPU tensors made with torch.empty, which maps memory without touching it, so an
+8192 x 128256 logits tensor costs nothing. `wrap_triton` (the one place every launcher launches
+through) hands each launch to `_Interceptor`, which records the kernel, its arguments and the grid
+of each autotune config, and launches nothing.
+
+Runs only where triton does not interpret (TRITON_INTERPRET=0 before triton's first import): under
+the interpreter the kernels are InterpretedFunctions and `first_config_only()` cuts every config
+list to one. `fastdl.inspection.compile` runs this in a subprocess set up that way.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+ACTIVATIONS = (None, "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+# (rows, in_features, out_features): a transformer MLP's up-projection and a narrower layer.
+LINEAR_SHAPES = ((8192, 4096, 4096), (4096, 1024, 4096))
+# (rows, vocabulary): Llama 2, GPT-2 (50257 is not a multiple of 16), Llama 3.
+CROSS_ENTROPY_SHAPES = ((8192, 32000), (8192, 50257), (8192, 128256))
+LINEAR_CE_SHAPE = (8192, 4096, 128256)
+# (name, torch dtype, TF32 on): fp32 is run both ways since torch's default for matmuls is off.
+PRECISIONS = (("fp16", torch.float16, False), ("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
+              ("tf32", torch.float32, True), ("fp64", torch.float64, False))
+H100_SMS = 132
+
+
+@dataclass
+class Pointer:
+    """A tensor argument as the runtime's specialization sees it: its dtype and its address modulo
+    256. torch's CUDA allocations are 256-byte aligned, so only a view's offset can misalign it."""
+    dtype: torch.dtype
+    offset: int
+
+    def data_ptr(self) -> int:
+        return self.offset % 256
+
+
+@dataclass
+class Launch:
+    kernel: object                 # the Autotuner or JITFunction launched
+    args: tuple                    # positional arguments, tensors as Pointer
+    kwargs: dict                   # constexprs and options given at the call
+    grids: list[tuple[int, ...]]   # per config (one entry for a kernel without autotuning)
+    case: str
+
+
+@dataclass
+class Variant:
+    """One compile of a kernel: launches whose specialization (types, constexprs, divisibility,
+    ints equal to 1) is the same."""
+    name: str
+    kernel: object
+    args: tuple
+    kwargs: dict
+    cases: list[tuple[str, list[tuple[int, ...]]]] = field(default_factory=list)  # (case, grid per config)
+
+    @property
+    def configs(self) -> list:
+        return list(getattr(self.kernel, "configs", [None]))
+
+    @property
+    def jit_function(self):
+        return jit_function(self.kernel)
+
+
+def jit_function(kernel):
+    """The JITFunction of a kernel, autotuned or not."""
+    from triton.runtime.autotuner import Autotuner
+
+    return kernel.fn if isinstance(kernel, Autotuner) else kernel
+
+
+def kernel_name(kernel) -> str:
+    return jit_function(kernel).fn.__name__.lstrip("_")
+
+
+def _stand_in(value):
+    if isinstance(value, torch.Tensor):
+        return Pointer(value.dtype, value.storage_offset() * value.element_size())
+    return value
+
+
+def _grid_size(grid, meta) -> tuple[int, ...]:
+    grid = grid(meta) if callable(grid) else grid
+    return tuple(int(g) for g in grid)
+
+
+class _Interceptor:
+    def __init__(self, case_of):
+        self.launches: list[Launch] = []
+        self._case_of = case_of
+
+    def __call__(self, kernel):
+        interceptor = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def record(*args, **kwargs):
+                    meta = {**dict(zip(jit_function(kernel).arg_names, args)), **kwargs}
+                    configs = getattr(kernel, "configs", None)
+                    grids = ([_grid_size(grid, {**meta, **c.kwargs}) for c in configs] if configs
+                             else [_grid_size(grid, meta)])
+                    interceptor.launches.append(Launch(kernel, tuple(_stand_in(a) for a in args),
+                                                       {k: _stand_in(v) for k, v in kwargs.items()},
+                                                       grids, interceptor._case_of()))
+                return record
+
+        return _Grid()
+
+
+@contextlib.contextmanager
+def _gpu_sized_splits(sms: int = H100_SMS):
+    """linear's grad_weight split count is chosen from the device's SM count, which a CPU tensor
+    has not: choose it as for a CUDA tensor on an H100."""
+    from fastdl.backends.triton import linear as launcher
+
+    original = launcher._grad_weight_splits
+    props = torch.cuda.get_device_properties
+    launcher._grad_weight_splits = lambda M, N, K, device: original(M, N, K, torch.device("cuda"))
+    torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(multi_processor_count=sms)
+    try:
+        yield
+    finally:
+        launcher._grad_weight_splits = original
+        torch.cuda.get_device_properties = props
+
+
+def _empty(*shape, dtype, requires_grad=False):
+    return torch.empty(shape, dtype=dtype).requires_grad_(requires_grad)
+
+
+def _linear(M, K, N, dtype, activation, bias=True):
+    from fastdl import ops
+
+    x, w = _empty(M, K, dtype=dtype, requires_grad=True), _empty(N, K, dtype=dtype, requires_grad=True)
+    b = _empty(N, dtype=dtype, requires_grad=True) if bias else None
+    out, _ = ops.get("linear", "triton")(x, w, b, activation or "none", 0.01)
+    inputs = [t for t in (x, w, b) if t is not None]
+    torch.autograd.grad(out, inputs, _empty(M, N, dtype=dtype))
+
+
+def _cross_entropy(R, C, dtype, reduction="mean", smoothing=0.0, weighted=False, probabilities=False):
+    from fastdl import ops
+
+    logits = _empty(R, C, dtype=dtype, requires_grad=True)
+    target = _empty(R, C, dtype=dtype) if probabilities else torch.zeros(R, dtype=torch.int64)
+    weight = torch.ones(C, dtype=dtype) if weighted else None
+    loss, _ = ops.get("cross_entropy", "triton")(logits, target, weight, -100, smoothing, reduction, True)
+    grad_loss = _empty(*loss.shape, dtype=loss.dtype) if loss.dim() else torch.ones((), dtype=loss.dtype)
+    torch.autograd.grad(loss, [logits], grad_loss)
+
+
+def _linear_cross_entropy(N, H, V, dtype):
+    from fastdl import ops
+
+    x, w = _empty(N, H, dtype=dtype, requires_grad=True), _empty(V, H, dtype=dtype, requires_grad=True)
+    b = _empty(V, dtype=dtype, requires_grad=True)
+    target = torch.zeros(N, dtype=torch.int64)
+    loss = ops.get("linear_cross_entropy", "triton")(x, w, b, target, -100, 0.0, "mean", True, True, True)[0]
+    torch.autograd.grad(loss, [x, w, b], torch.ones((), dtype=loss.dtype))
+
+
+def cases() -> list[tuple[str, str, object]]:
+    """(op, case label, TF32 on, a function that runs it): every launch fastdl inspect compiles."""
+    out = []
+    for name, dtype, tf32 in PRECISIONS:
+        for M, K, N in LINEAR_SHAPES:
+            for activation in ACTIVATIONS:
+                out.append(("linear", f"linear {name} {activation or 'none'} {M}x{K}->{N}", tf32,
+                            lambda M=M, K=K, N=N, d=dtype, a=activation: _linear(M, K, N, d, a)))
+        out.append(("linear", f"linear {name} none no-bias 8192x4096->4096", tf32,
+                    lambda d=dtype: _linear(8192, 4096, 4096, d, None, bias=False)))
+        # Few (N, K) tiles: grad_weight is split over rows (and _sum_splits reduces the splits).
+        out.append(("linear", f"linear {name} none 16384x4096->256", tf32,
+                    lambda d=dtype: _linear(16384, 4096, 256, d, None)))
+    for name, dtype, _ in PRECISIONS:
+        if name == "tf32":
+            continue
+        for R, C in CROSS_ENTROPY_SHAPES:
+            out.append(("cross_entropy", f"cross_entropy {name} {R}x{C}", False,
+                        lambda R=R, C=C, d=dtype: _cross_entropy(R, C, d)))
+        R, C = CROSS_ENTROPY_SHAPES[0]
+        for label, kw in (("reduction=none", {"reduction": "none"}), ("label_smoothing", {"smoothing": 0.1}),
+                          ("weight", {"weighted": True}), ("probabilities", {"probabilities": True})):
+            out.append(("cross_entropy", f"cross_entropy {name} {label} {R}x{C}", False,
+                        lambda R=R, C=C, d=dtype, kw=kw: _cross_entropy(R, C, d, **kw)))
+    N, H, V = LINEAR_CE_SHAPE
+    for name, dtype, tf32 in PRECISIONS:
+        if name in ("fp16", "bf16", "tf32"):
+            out.append(("linear_cross_entropy", f"linear_cross_entropy {name} {N}x{H}->{V}", tf32,
+                        lambda d=dtype: _linear_cross_entropy(N, H, V, d)))
+    return out
+
+
+def capture(ops: list[str] | None = None, only: list[str] | None = None) -> list[Launch]:
+    """Every launch of every case (of `ops`, default all; with `only`, the cases whose label starts
+    with one of those strings), in order."""
+    from fastdl import backends
+    from fastdl.backends.triton import _launch
+
+    if backends.triton_interpreting():
+        raise RuntimeError("fastdl.inspection.capture needs triton imported with TRITON_INTERPRET=0 "
+                           "(fastdl inspect runs it in such a subprocess)")
+    if os.environ.get("FASTDL_AUTOTUNE") == "0":
+        raise RuntimeError("FASTDL_AUTOTUNE=0 cuts every autotune config list to one; unset it to inspect")
+    current = [""]
+    interceptor = _Interceptor(lambda: current[0])
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    _launch.launch_interceptor = interceptor
+    try:
+        with _gpu_sized_splits():
+            for op, label, tf32, run in cases():
+                if (ops and op not in ops) or (only and not label.startswith(tuple(only))):
+                    continue
+                current[0] = label
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                run()
+    finally:
+        _launch.launch_interceptor = None
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    return interceptor.launches
+
+
+def variants(launches: list[Launch], backend) -> list[Variant]:
+    """Launches grouped by the specialization triton's runtime computes for them on `backend` (its
+    own binder: pointer alignment, divisibility by 16, ints equal to 1, i32 or i64)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binders, found = {}, {}
+    for launch in launches:
+        fn = jit_function(launch.kernel)
+        if id(fn) not in binders:
+            binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
+        configs = getattr(launch.kernel, "configs", None)
+        config_kwargs = configs[0].all_kwargs() if configs else {}  # the same for every config here
+        _, specialization, options = binders[id(fn)](*launch.args, **launch.kwargs, **config_kwargs)
+        key = (id(launch.kernel), repr(specialization), repr(sorted(options.items())))
+        variant = found.get(key)
+        if variant is None:
+            variant = found[key] = Variant(kernel_name(launch.kernel), launch.kernel, launch.args, launch.kwargs)
+        variant.cases.append((launch.case, launch.grids))
+    return list(found.values())

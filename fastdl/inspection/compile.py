@@ -1,0 +1,192 @@
+"""Compile every captured Triton variant x autotune config, and every CUDA instantiation, for a
+named GPU target, and read the binaries (see fastdl/inspection/__init__.py for the method).
+
+Run as a worker, in a process where triton does not interpret (fastdl inspect starts it so):
+
+    TRITON_INTERPRET=0 python -m fastdl.inspection.compile --arch sm_90 [--op linear]
+        [--configs all|default] [--jobs N] --out rows.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+# Kernels whose work is a matmul (tensor cores expected) and those bound by memory bandwidth.
+MATMUL_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate")
+MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits")
+
+_VARIANTS: list = []  # set before the worker pool forks: tasks name variants by index
+
+
+def _target(arch: str):
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", ARCHS[arch], 32)
+
+
+def compile_variant(variant, config, arch: str):
+    """triton.compile of one variant with one config for `arch`, specialized as JITFunction.run
+    does on a GPU: its binder (create_function_from_signature) and _pack_args, then ASTSource."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = variant.jit_function
+    target = _target(arch)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {**variant.kwargs, **(config.all_kwargs() if config is not None else {})}
+    # What JITFunction.run adds before binding.
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    bound, specialization, options = binder(*variant.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    names = list(signature)
+    spec = {
+        "signature": {n: t for n, t in signature.items() if t != "constexpr"},
+        "constexprs": {names[path[0]]: str(value) for path, value in constexprs.items()},
+        "divisible_by_16": [names[path[0]] for path, attr in attrs.items() if attr],
+    }
+    return compiled, spec
+
+
+def _config_label(config) -> str:
+    if config is None:
+        return "-"
+    blocks = " ".join(f"{k}={v}" for k, v in config.kwargs.items() if k != "GROUP")
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+def _precision(spec: dict) -> str:
+    dtype = next((t[1:] for t in spec["signature"].values() if t.startswith("*")), "")
+    if dtype == "fp32" and spec["constexprs"].get("INPUT_PRECISION") == "tf32":
+        return "tf32"
+    return dtype
+
+
+def _triton_task(task) -> dict:
+    from fastdl.inspection import sass
+
+    index, config_index, arch = task
+    variant = _VARIANTS[index]
+    config = variant.configs[config_index]
+    row = {"kind": "triton", "kernel": variant.name, "variant": index, "op": variant.cases[0][0].split()[0],
+           "case": variant.cases[0][0], "cases": [c for c, _ in variant.cases], "config": _config_label(config),
+           "default": config_index == 0, "arch": arch,
+           "num_warps": config.num_warps if config is not None else variant.kwargs.get("num_warps", 4),
+           "num_stages": config.num_stages if config is not None else variant.kwargs.get("num_stages", 3),
+           "grid": min(_blocks(grids[config_index]) for _, grids in variant.cases), "error": None}
+    start = time.perf_counter()
+    try:
+        compiled, spec = compile_variant(variant, config, arch)
+    except Exception as exc:  # noqa: BLE001 - a compile failure is a result, reported as such
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
+        row["compile_s"] = time.perf_counter() - start
+        return row
+    row["compile_s"] = time.perf_counter() - start
+    row.update(spec, precision=_precision(spec))
+    stats = sass.read_cubin(compiled.asm["cubin"])
+    function = stats.get(compiled.metadata.name) or next(iter(stats.values()))
+    return _with_stats(row, function, int(compiled.metadata.shared), arch)
+
+
+def _blocks(grid) -> int:
+    total = 1
+    for g in grid:
+        total *= g
+    return total
+
+
+def _with_stats(row: dict, function, dynamic_shared: int, arch: str) -> dict:
+    from fastdl.inspection import sass
+
+    row.update(function.as_dict())
+    row["shared"] = function.static_shared + dynamic_shared
+    row.update(sass.occupancy(function.registers, row["shared"], row["num_warps"], arch))
+    if row.get("grid") and row["blocks_per_sm"]:
+        row["waves"] = row["grid"] / (row["blocks_per_sm"] * sass.DEVICES[arch].sms)
+    return row
+
+
+def cuda_rows(arch: str) -> list[dict]:
+    """One row per CUDA kernel instantiation the cupy backend compiles (NVRTC, for `arch`)."""
+    from fastdl import nvrtc
+    from fastdl.backends.cupy import _runtime
+    from fastdl.inspection import sass
+
+    rows = []
+    for source in nvrtc.cuda_sources():
+        start = time.perf_counter()
+        compiled = nvrtc.compile_cubin(source, arch)
+        elapsed = time.perf_counter() - start
+        expressions = nvrtc.instantiations(source.stem)
+        stats = sass.read_cubin(compiled.cubin) if compiled.ok else {}
+        for expression in expressions:
+            kernel, ctype = expression.rstrip(">").split("<")
+            dtype = {v: k for k, v in _runtime.CUDA_TYPES.items()}[ctype]
+            row = {"kind": "cuda", "kernel": f"{kernel}.cu", "variant": expression, "op": source.stem,
+                   "case": f"{source.name} {expression}", "cases": [], "config": f"{_runtime.THREADS} threads",
+                   "default": True, "arch": arch, "num_warps": _runtime.THREADS // 32, "num_stages": None,
+                   "grid": None, "compile_s": elapsed, "precision": str(dtype).replace("torch.float", "fp")
+                   .replace("torch.bfloat16", "bf16"), "error": None if compiled.ok else compiled.log[-2000:]}
+            function = stats.get(compiled.lowered.get(expression, ""))
+            if compiled.ok and function is None:
+                row["error"] = f"{expression} not found in the cubin"
+            rows.append(_with_stats(row, function, 0, arch) if function is not None else row)
+    return rows
+
+
+def run(archs: list[str], ops: list[str] | None = None, configs: str = "all", jobs: int | None = None,
+        cases: list[str] | None = None, cuda: bool = True) -> dict:
+    """Capture, compile and read every variant for every arch: {"rows": [...], timings}."""
+    from triton.compiler import make_backend
+
+    from fastdl.inspection import capture
+
+    global _VARIANTS
+    start = time.perf_counter()
+    launches = capture.capture(ops, cases)
+    _VARIANTS = capture.variants(launches, make_backend(_target(archs[0])))
+    captured = time.perf_counter()
+    tasks = [(i, c, arch) for arch in archs for i, v in enumerate(_VARIANTS)
+             for c in range(len(v.configs) if configs == "all" else 1)]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            rows = list(pool.map(_triton_task, tasks, chunksize=4))
+    else:
+        rows = [_triton_task(t) for t in tasks]
+    if cuda:
+        for arch in archs:
+            rows += [r for r in cuda_rows(arch) if not ops or r["op"] in ops]
+    return {"rows": rows, "variants": len(_VARIANTS), "launches": len(launches),
+            "capture_s": captured - start, "compile_s": time.perf_counter() - captured}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdl.inspection.compile", description=__doc__)
+    parser.add_argument("--arch", action="append", choices=sorted(ARCHS), required=True)
+    parser.add_argument("--op", action="append")
+    parser.add_argument("--configs", choices=("all", "default"), default="all")
+    parser.add_argument("--jobs", type=int)
+    parser.add_argument("--case", action="append", help="only cases whose label starts with this")
+    parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA sources")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    result = run(args.arch, args.op, args.configs, args.jobs, args.case, not args.no_cuda)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
