@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import subprocess
 import tempfile
@@ -125,18 +128,29 @@ def count_instructions(sass: str, stats: FunctionStats) -> FunctionStats:
 
 
 def read_cubin(cubin: bytes) -> dict[str, FunctionStats]:
-    """{function name: FunctionStats} of every function in a cubin."""
+    """{function name: FunctionStats} of every function in a cubin.
+
+    cuobjdump takes ~0.5 s a call, more than a compile found in triton's cache, so the result is
+    kept by the cubin's hash under triton's cache directory (knobs.cache.dir, TRITON_CACHE_DIR)."""
+    from triton import knobs
+
+    cache = Path(knobs.cache.dir) / "fastdl-inspect" / f"{hashlib.sha256(cubin).hexdigest()}.json"
+    if cache.is_file():
+        return {name: FunctionStats(**fields) for name, fields in json.loads(cache.read_text()).items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        resources = _run("cuobjdump", "-res-usage", str(path))
-        sass = _run("cuobjdump", "-sass", str(path))
+        text = _run("cuobjdump", "-res-usage", "-sass", str(path))
     stats = {name: FunctionStats(registers=int(reg), stack=int(stack), static_shared=int(shared), local=int(local))
-             for name, reg, stack, shared, local in _RESOURCES.findall(resources)}
-    headers = list(_FUNCTION.finditer(sass))
+             for name, reg, stack, shared, local in _RESOURCES.findall(text)}
+    headers = list(_FUNCTION.finditer(text))
     for i, header in enumerate(headers):
-        end = headers[i + 1].start() if i + 1 < len(headers) else len(sass)
-        count_instructions(sass[header.end():end], stats.setdefault(header.group(1), FunctionStats()))
+        end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
+        count_instructions(text[header.end():end], stats.setdefault(header.group(1), FunctionStats()))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({name: s.as_dict() for name, s in stats.items()}))
+    partial.replace(cache)  # atomic: parallel workers may write the same entry
     return stats
 
 
