@@ -215,16 +215,19 @@ def _linear_and_cross_entropy(x, w, b, target):
     return [loss.detach(), out.detach(), x.grad, w.grad, b.grad]
 
 
-@needs_interpreter
-def test_two_threads_on_the_interpreter_at_once():
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "reference"])
+def test_two_threads_on_one_backend_at_once(backend):
+    # triton: the interpreter is not thread-safe, so its launches are serialized (without the lock
+    # this crashed with "Did you forget to add @triton.jit"); reference: NumPy under two threads.
+    # The cupy backend runs on a GPU only (its CPU emulation is single-threaded by design).
     x, w, b = (testing.make_tensor(s, seed=i) for i, s in enumerate([(6, 5), (9, 5), (9,)]))
     target = torch.arange(6) % 9
-    with use_backend("triton"):
+    with use_backend(backend):
         expected = _linear_and_cross_entropy(x, w, b, target)
     start = threading.Barrier(2, timeout=30)
 
     def worker():
-        use_backend("triton")
+        use_backend(backend)
         start.wait()
         for _ in range(6):
             for got, want in zip(_linear_and_cross_entropy(x, w, b, target), expected):
