@@ -214,3 +214,11 @@ def test_width_and_occupancy_arithmetic():
     assert sass.occupancy(32, 100 * 1024, 4, "sm_90")["blocks_per_sm"] == 2
     assert sass.occupancy(32, 100 * 1024, 4, "sm_80")["blocks_per_sm"] == 1
     assert sass.occupancy(32, 228 * 1024, 4, "sm_90")["blocks_per_sm"] == 0
+
+
+def test_cross_entropy_keeps_its_device_assert(inspected):
+    # _cross_entropy_fwd is compiled with debug=True so a bad class index trips an assert on the GPU;
+    # probability targets have no index to check.
+    rows = rows_of(inspected, "sm_90", "cross_entropy_fwd")
+    for row in rows:
+        assert row["asserts"] == (0 if "probabilities" in row["case"] else 1), row["case"]
