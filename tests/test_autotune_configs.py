@@ -95,3 +95,7 @@ def test_grad_weight_accumulate_with_every_config(monkeypatch, index):
     g64 = g.double()
     assert_close(acc_w, start_w.double() + g64.T @ x.double(), torch.float32, name="grad_weight")
     assert_close(acc_b, start_b.double() + g64.sum(0), torch.float32, name="grad_bias")
+    # accumulate=False (linear_cross_entropy's first chunk): stores, whatever the buffers held.
+    launchers.linear_grad_weight_accumulate(g, x, acc_w, acc_b, accumulate=False)
+    assert_close(acc_w, g64.T @ x.double(), torch.float32, name="grad_weight stored")
+    assert_close(acc_b, g64.sum(0), torch.float32, name="grad_bias stored")

@@ -106,8 +106,10 @@ def cross_entropy_bwd(grad_logits, scale, out):
 
 
 @launcher
-def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):
+def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accumulate=True):
     g = to_numpy(grad_out)
-    grad_weight.copy_(from_numpy(to_numpy(grad_weight) + g.T @ to_numpy(input), grad_weight))
+    start_weight = to_numpy(grad_weight) if accumulate else 0.0
+    grad_weight.copy_(from_numpy(start_weight + g.T @ to_numpy(input), grad_weight))
     if grad_bias is not None:
-        grad_bias.copy_(from_numpy(to_numpy(grad_bias) + g.sum(axis=0), grad_bias))
+        start_bias = to_numpy(grad_bias) if accumulate else 0.0
+        grad_bias.copy_(from_numpy(start_bias + g.sum(axis=0), grad_bias))

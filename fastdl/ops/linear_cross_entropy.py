@@ -74,12 +74,15 @@ def _chunked(launchers, input, weight, bias, target, ignore_index, label_smoothi
     device = input.device
     loss_rows = torch.empty((R,), device=device, dtype=acc) if want_loss else None
     grad_input = torch.empty((R, H), device=device, dtype=input.dtype) if needs_input else None
-    # Accumulated in float32 (float64), rounded once below: see the module docstring.
-    grad_weight = torch.zeros((V, H), device=device, dtype=acc) if needs_weight else None
+    accumulate = getattr(launchers, "linear_grad_weight_accumulate", None)
+    # Accumulated in float32 (float64), rounded once below: see the module docstring. With an
+    # accumulating kernel the first chunk stores its share (accumulate=False), so the sums need no
+    # zero-fill (a V x H x 4-byte write) and that chunk reads no accumulator.
+    sums = torch.empty if accumulate is not None and R > 0 else torch.zeros
+    grad_weight = sums((V, H), device=device, dtype=acc) if needs_weight else None
     grad_bias = torch.zeros((V,), device=device, dtype=acc) if needs_bias else None
     compute_grad = needs_input or needs_weight or needs_bias
     no_saved = input.new_empty((0, 0))
-    accumulate = getattr(launchers, "linear_grad_weight_accumulate", None)
     # The budget counts what a chunk really holds per logit: the logits' own bytes on the GPU
     # backends, the float64 temporaries on the reference backend (its LINEAR_CE_BYTES_PER_LOGIT).
     step = chunk_rows(R, V, getattr(launchers, "LINEAR_CE_BYTES_PER_LOGIT", input.element_size()), device)
@@ -96,7 +99,7 @@ def _chunked(launchers, input, weight, bias, target, ignore_index, label_smoothi
             grad_input[start:end] = launchers.linear_bwd(grad, x, weight, None, no_saved, None, None, 0.0,
                                                          True, False, False)[0]
         if needs_weight and accumulate is not None:
-            accumulate(grad, x, grad_weight, grad_bias)
+            accumulate(grad, x, grad_weight, grad_bias, accumulate=start > 0)
         elif needs_weight or needs_bias:
             # A backend without an accumulating kernel: a fresh (V, H) partial per chunk.
             _, partial_weight, partial_bias = launchers.linear_bwd(grad, x, weight, None, no_saved, None, None, 0.0,

@@ -194,10 +194,11 @@ def _linear_grad_weight_accumulate(
     grad_out_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out (M, N), x (M, K), grad_weight (N, K)
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """grad_weight += grad_out.T @ x and grad_bias += grad_out.sum(0), in place.
+    """grad_weight += grad_out.T @ x and grad_bias += grad_out.sum(0), in place (ACCUMULATE=False: =
+    instead of +=, so the first chunk neither reads the accumulator nor needs it zero-filled).
 
     linear_cross_entropy's chunks each add their rows' share into one grad_weight; a kernel that
     returned a fresh (N, K) partial per chunk (as linear's backward does) would cost a second
@@ -223,10 +224,12 @@ def _linear_grad_weight_accumulate(
         x_ptrs += BLOCK_M * stride_xm
     w_ptrs = grad_weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(ACC_DTYPE)
+    if ACCUMULATE:
+        acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(ACC_DTYPE)
     tl.store(w_ptrs, acc.to(grad_weight_ptr.dtype.element_ty), mask=w_mask)
     if HAS_BIAS:
         if pid_k == 0:
             bias_ptrs = grad_bias_ptr + offs_n
-            bias_acc += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(ACC_DTYPE)
+            if ACCUMULATE:
+                bias_acc += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(ACC_DTYPE)
             tl.store(bias_ptrs, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=offs_n < N)

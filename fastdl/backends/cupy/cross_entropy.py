@@ -92,8 +92,9 @@ def cross_entropy_bwd(grad_logits, scale, out):
     return out
 
 
-def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):
+def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accumulate=True):
     """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
+    accumulate=False: = instead of += (here by zero-filling first: the CUDA kernel always adds).
 
     grad_out (M, N), input (M, K) in the same dtype; grad_weight (N, K) in any float dtype;
     grad_bias (N,) or None. The kernel adds into a grad_weight and grad_bias of the accumulator's
@@ -102,6 +103,10 @@ def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias):
     """
     M, K = input.shape
     N = grad_weight.shape[0]
+    if not accumulate:
+        grad_weight.zero_()
+        if grad_bias is not None:
+            grad_bias.zero_()
     if M == 0 or N == 0:
         return
     acc = _ACC_DTYPE[input.dtype]
