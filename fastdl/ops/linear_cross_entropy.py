@@ -208,6 +208,3 @@ def define_op(backend: str):
 
     register_autograd(fwd, backward, setup_context)
     return fwd
-
-
-# {backend: op}, defined on first lookup; new code calls fastdl.ops.get("linear_cross_entropy", backend).
