@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import fastdl
-from fastdl.kernels.triton import cross_entropy as ce_kernels
 from fastdl.kernels.triton import linear as linear_kernels
 from fastdl.reference import linear as ref
 from fastdl.testing import assert_close, make_tensor
@@ -20,7 +19,7 @@ KERNELS = {
     "linear_fwd": (linear_kernels._linear_fwd, "BLOCK_K"),
     "linear_bwd_input": (linear_kernels._linear_bwd_input, "BLOCK_N"),
     "linear_bwd_weight": (linear_kernels._linear_bwd_weight, "BLOCK_M"),
-    "linear_grad_weight_accumulate": (ce_kernels._linear_grad_weight_accumulate, "BLOCK_M"),
+    "linear_grad_weight_accumulate": (linear_kernels._linear_grad_weight_accumulate, "BLOCK_M"),
 }
 CONFIGS = linear_kernels.matmul_configs(every=True)
 M, K, N = 300, 130, 200  # spans several 64-blocks and part of a 256-block in every dimension

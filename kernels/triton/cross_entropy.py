@@ -28,13 +28,12 @@ Host code never syncs to check targets in the hot path (see fastdl.functional.cr
 
 All pointer offsets are int64: rows * C may pass 2**31 (8192 x 262144 already does).
 
-Also here: _scale_rows (the backward, out of place) and _linear_grad_weight_accumulate, the in-place
-grad_weight += grad.T @ x that lets linear_cross_entropy's chunks share one grad_weight.
+Also here: _scale_rows, the backward (out of place). linear_cross_entropy's in-place
+grad_weight += grad.T @ x is _linear_grad_weight_accumulate in kernels/triton/linear.py.
 """
 import triton
 import triton.language as tl
 
-from fastdl.kernels.triton.linear import _grouped_tile, matmul_configs
 
 # The column block of the row sweeps. 4096 fp32 values over 8 warps is 16 per thread: enough
 # bytes in flight per SM to saturate HBM without spilling; a vocabulary of 262144 is 64 blocks.
@@ -184,52 +183,3 @@ def _scale_rows(
     scale = tl.load(scale_ptr + row * stride_scale).to(ACC_DTYPE)
     x = tl.load(x_ptr + row * stride_xr + cols * stride_xc, mask=mask, other=0.0).to(ACC_DTYPE)
     tl.store(out_ptr + row * stride_or + cols * stride_oc, (x * scale).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# Autotuning trial runs would each add into grad_weight; restore_value resets it between trials.
-@triton.autotune(configs=matmul_configs("BLOCK_M"), key=["M", "N", "K", "HAS_BIAS"],
-                 restore_value=["grad_weight_ptr", "grad_bias_ptr"])
-@triton.jit
-def _linear_grad_weight_accumulate(
-    grad_out_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out (M, N), x (M, K), grad_weight (N, K)
-    M, N, K,
-    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-):
-    """grad_weight += grad_out.T @ x and grad_bias += grad_out.sum(0), in place (ACCUMULATE=False: =
-    instead of +=, so the first chunk neither reads the accumulator nor needs it zero-filled).
-
-    linear_cross_entropy's chunks each add their rows' share into one grad_weight; a kernel that
-    returned a fresh (N, K) partial per chunk (as linear's backward does) would cost a second
-    vocabulary-sized buffer, more than the chunk of logits the chunking saves. The tile sum is
-    fp32 (fp64 for fp64); it meets the accumulator once per chunk.
-    """
-    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
-    g_ptrs = grad_out_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    bias_acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for m in range(0, tl.cdiv(M, BLOCK_M)):
-        m_left = M - m * BLOCK_M
-        grad = tl.load(g_ptrs, mask=(offs_n[:, None] < N) & (offs_m[None, :] < m_left), other=0.0)
-        if HAS_BIAS:
-            bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
-        x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & (offs_k[None, :] < K), other=0.0)
-        acc = tl.dot(grad.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
-        g_ptrs += BLOCK_M * stride_gm
-        x_ptrs += BLOCK_M * stride_xm
-    w_ptrs = grad_weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    if ACCUMULATE:
-        acc += tl.load(w_ptrs, mask=w_mask, other=0.0).to(ACC_DTYPE)
-    tl.store(w_ptrs, acc.to(grad_weight_ptr.dtype.element_ty), mask=w_mask)
-    if HAS_BIAS:
-        if pid_k == 0:
-            bias_ptrs = grad_bias_ptr + offs_n
-            if ACCUMULATE:
-                bias_acc += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(ACC_DTYPE)
-            tl.store(bias_ptrs, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=offs_n < N)

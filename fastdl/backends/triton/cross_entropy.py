@@ -16,6 +16,7 @@ import triton
 from fastdl.backends.common import cross_entropy_outputs
 from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, interpreter_bf16, wrap_triton
 from fastdl.kernels.triton import cross_entropy as _ce
+from fastdl.kernels.triton import linear as _linear
 
 
 @interpreter_bf16(results=("acc", "io"), mutates=("logits",))  # loss_rows, grad_logits; logits if inplace
@@ -110,7 +111,7 @@ def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accum
                 grad_bias.zero_()
         return
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])),)
-    wrap_triton(_ce._linear_grad_weight_accumulate)[grid](
+    wrap_triton(_linear._linear_grad_weight_accumulate)[grid](
         grad_out, input, grad_weight, grad_bias if grad_bias is not None else grad_weight,
         M, N, K,
         grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
