@@ -24,13 +24,11 @@
 // so a bad index never reads out of bounds even where asserts are compiled out.
 // All offsets are long long: rows * C may pass 2**31 (8192 x 262144 already does).
 //
-// Also here: scale_rows (the backward, out of place) and linear_grad_weight_accumulate (in-place
-// grad_weight += g.T @ x, grad_bias += g.sum(0)), which lets linear_cross_entropy's chunks share
-// one grad_weight.
+// Also here: scale_rows (the backward, out of place). linear_cross_entropy's in-place
+// grad_weight += g.T @ x is linear_grad_weight_accumulate in linear.cu.
 //
 // Compiled after linear.cu, in one module (fastdl.backends.cupy.SOURCE_PRELUDES): it uses that
-// file's element types (Accumulator, to_acc, from_acc, exp_) and its tiled matmul (matmul_tile,
-// grouped_tile), as the Triton cross_entropy imports linear's tile walk.
+// file's element types (Accumulator, to_acc, from_acc, exp_).
 //
 // Entry points are templates over the element type (__half, __nv_bfloat16, float, double),
 // instantiated through name expressions: "cross_entropy_fwd<float>", ... The target kind, class
@@ -293,47 +291,5 @@ __global__ void __launch_bounds__(CE_MAX_THREADS) scale_rows(
         const Acc factor = scale[row * stride_scale];
         sweep_row<true>(x + row * stride_xr, stride_xc, out + row * stride_or, stride_oc, C, thread, threads,
                         [&](long long, Acc v) { return v * factor; });
-    }
-}
-
-// grad_weight (N, K) += grad_out.T @ x and grad_bias (N,) += grad_out.sum(0), in place;
-// grad_out (M, N), x (M, K); grad_weight and grad_bias in Acc (float32, double for double): the
-// sums across linear_cross_entropy's chunks are rounded to T once, by the caller, at the end.
-// linear.cu's linear_bwd_weight tiles (64 x 64 per block of THREADS, every output element owned
-// by one thread: deterministic), with the old values added to the Acc tile sum in its epilogue.
-template <typename T>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) linear_grad_weight_accumulate(
-    const T* __restrict__ grad_out, const T* __restrict__ x, typename Accumulator<T>::type* __restrict__ grad_weight,
-    typename Accumulator<T>::type* __restrict__ grad_bias,
-    long long M, long long N, long long K,
-    long long stride_gm, long long stride_gn, long long stride_xm, long long stride_xk,
-    long long stride_wn, long long stride_wk, int has_bias)
-{
-    typedef typename Accumulator<T>::type Acc;
-    long long pid_n, pid_k;
-    grouped_tile(blockIdx.x, cdiv(N, BLOCK_ROWS), max(1LL, cdiv(K, BLOCK_COLS)), pid_n, pid_k);
-    const long long n0 = pid_n * BLOCK_ROWS, k0 = pid_k * BLOCK_COLS;
-    const int tx = threadIdx.x % THREADS_COLS, ty = threadIdx.x / THREADS_COLS;
-    const bool bias_owner = has_bias && pid_k == 0 && tx == 0;
-    Acc acc[MICRO_ROWS][MICRO_COLS] = {};
-    Acc bias_acc[MICRO_ROWS] = {};
-    // grad_out is read transposed, (n, m), so the matmul is grad_out.T @ x with no shuffle.
-    matmul_tile<Acc>(
-        acc, bias_acc, bias_owner, n0, k0, N, K, M, stride_gm <= stride_gn, stride_xm <= stride_xk,
-        [&](long long n, long long m) { return to_acc(grad_out[m * stride_gm + n * stride_gn]); },
-        [&](long long m, long long k) { return to_acc(x[m * stride_xm + k * stride_xk]); });
-
-#pragma unroll
-    for (int i = 0; i < MICRO_ROWS; ++i) {
-        const long long n = n0 + ty + i * THREADS_ROWS;
-        if (n >= N) continue;
-#pragma unroll
-        for (int j = 0; j < MICRO_COLS; ++j) {
-            const long long k = k0 + tx + j * THREADS_COLS;
-            if (k < K) {
-                grad_weight[n * stride_wn + k * stride_wk] += acc[i][j];
-            }
-        }
-        if (bias_owner) grad_bias[n] += bias_acc[i];
     }
 }

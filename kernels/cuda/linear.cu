@@ -370,3 +370,45 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) linear_bwd_weight(
         if (bias_owner) grad_bias[n] = from_acc<T>(bias_acc[i]);
     }
 }
+
+// grad_weight (N, K) += grad_out.T @ x and grad_bias (N,) += grad_out.sum(0), in place;
+// grad_out (M, N), x (M, K); grad_weight and grad_bias in Acc (float32, double for double): the
+// sums across linear_cross_entropy's chunks are rounded to T once, by the caller, at the end.
+// linear_bwd_weight's tiles (64 x 64 per block of THREADS, every output element owned
+// by one thread: deterministic), with the old values added to the Acc tile sum in its epilogue.
+template <typename T>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) linear_grad_weight_accumulate(
+    const T* __restrict__ grad_out, const T* __restrict__ x, typename Accumulator<T>::type* __restrict__ grad_weight,
+    typename Accumulator<T>::type* __restrict__ grad_bias,
+    long long M, long long N, long long K,
+    long long stride_gm, long long stride_gn, long long stride_xm, long long stride_xk,
+    long long stride_wn, long long stride_wk, int has_bias)
+{
+    typedef typename Accumulator<T>::type Acc;
+    long long pid_n, pid_k;
+    grouped_tile(blockIdx.x, cdiv(N, BLOCK_ROWS), max(1LL, cdiv(K, BLOCK_COLS)), pid_n, pid_k);
+    const long long n0 = pid_n * BLOCK_ROWS, k0 = pid_k * BLOCK_COLS;
+    const int tx = threadIdx.x % THREADS_COLS, ty = threadIdx.x / THREADS_COLS;
+    const bool bias_owner = has_bias && pid_k == 0 && tx == 0;
+    Acc acc[MICRO_ROWS][MICRO_COLS] = {};
+    Acc bias_acc[MICRO_ROWS] = {};
+    // grad_out is read transposed, (n, m), so the matmul is grad_out.T @ x with no shuffle.
+    matmul_tile<Acc>(
+        acc, bias_acc, bias_owner, n0, k0, N, K, M, stride_gm <= stride_gn, stride_xm <= stride_xk,
+        [&](long long n, long long m) { return to_acc(grad_out[m * stride_gm + n * stride_gn]); },
+        [&](long long m, long long k) { return to_acc(x[m * stride_xm + k * stride_xk]); });
+
+#pragma unroll
+    for (int i = 0; i < MICRO_ROWS; ++i) {
+        const long long n = n0 + ty + i * THREADS_ROWS;
+        if (n >= N) continue;
+#pragma unroll
+        for (int j = 0; j < MICRO_COLS; ++j) {
+            const long long k = k0 + tx + j * THREADS_COLS;
+            if (k < K) {
+                grad_weight[n * stride_wn + k * stride_wk] += acc[i][j];
+            }
+        }
+        if (bias_owner) grad_bias[n] += bias_acc[i];
+    }
+}

@@ -21,15 +21,15 @@ import torch
 # The element type each kernel template is instantiated for.
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
               torch.float64: "double"}
-LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight")
-CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows", "linear_grad_weight_accumulate")
+LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate")
+CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows")
 # Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
 NAME_EXPRESSIONS = {
     stem: tuple(f"{kernel}<{ctype}>" for kernel in kernels for ctype in CUDA_TYPES.values())
     for stem, kernels in (("linear", LINEAR_KERNELS), ("cross_entropy", CROSS_ENTROPY_KERNELS))
 }
 # Per source stem: the sources compiled before it in the same module (cross_entropy.cu uses
-# linear.cu's element types and tiled matmul).
+# linear.cu's element types).
 SOURCE_PRELUDES = {"cross_entropy": ("linear",)}
 # The kernels' fixed geometry: 64 x 64 output tiles, 256 threads per block.
 BLOCK_ROWS = BLOCK_COLS = 64

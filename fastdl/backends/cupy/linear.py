@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastdl.backends.common import ACC_DTYPE as _ACC_DTYPE
 from fastdl.backends.common import ACTIVATION_CODES, linear_backward_saved, linear_outputs
 from fastdl.backends.cupy import _runtime as rt
 from fastdl.backends.cupy._runtime import BLOCK_COLS, BLOCK_ROWS
@@ -72,3 +73,36 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
                 np.float64(negative_slope), np.int32(needs_bias_grad), np.int32(code),
             ))
     return grad_input, grad_weight, grad_bias
+
+
+def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accumulate=True):
+    """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
+    accumulate=False: = instead of += (here by zero-filling first: the CUDA kernel always adds).
+
+    grad_out (M, N), input (M, K) in the same dtype; grad_weight (N, K) in any float dtype;
+    grad_bias (N,) or None. The kernel adds into a grad_weight and grad_bias of the accumulator's
+    dtype (float32, float64 for float64: what linear_cross_entropy passes, so its sums across
+    chunks round once); other dtypes go through a temporary.
+    """
+    M, K = input.shape
+    N = grad_weight.shape[0]
+    if not accumulate:
+        grad_weight.zero_()
+        if grad_bias is not None:
+            grad_bias.zero_()
+    if M == 0 or N == 0:
+        return
+    acc = _ACC_DTYPE[input.dtype]
+    w = grad_weight if grad_weight.dtype == acc else torch.zeros((N, K), device=input.device, dtype=acc)
+    b = grad_bias if grad_bias is None or (grad_bias.dtype == acc and grad_bias.stride(0) == 1) else torch.zeros(
+        (N,), device=input.device, dtype=acc)
+    rt.launch("linear_grad_weight_accumulate", input, rt.cdiv(N, BLOCK_ROWS) * max(1, rt.cdiv(K, BLOCK_COLS)), (
+        rt.ptr(grad_out), rt.ptr(input), rt.ptr(w), rt.ptr(b),
+        *rt.i64(M, N, K, grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
+              w.stride(0), w.stride(1)),
+        np.int32(b is not None),
+    ), stem="linear")
+    if w is not grad_weight:
+        grad_weight.add_(w)
+    if b is not grad_bias:
+        grad_bias.add_(b)

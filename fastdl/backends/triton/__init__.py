@@ -1,5 +1,4 @@
 """The triton backend: one launcher module per op (linear.py, cross_entropy.py, ...), re-exported here
 as the launcher interface fastdl.ops calls (linear_fwd, linear_bwd, cross_entropy_fwd, ...)."""
-from fastdl.backends.triton.linear import linear_bwd, linear_fwd  # noqa: F401
-from fastdl.backends.triton.cross_entropy import (cross_entropy_bwd, cross_entropy_fwd,  # noqa: F401
-                                                  linear_grad_weight_accumulate)
+from fastdl.backends.triton.linear import linear_bwd, linear_fwd, linear_grad_weight_accumulate  # noqa: F401
+from fastdl.backends.triton.cross_entropy import cross_entropy_bwd, cross_entropy_fwd  # noqa: F401

@@ -6,7 +6,8 @@ linear_cross_entropy.py are the only callers; they have validated everything):
   cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
                     compute_grad, inplace=False) -> (loss_rows, grad_logits)
   cross_entropy_bwd(grad_logits, scale, out) -> out                (out = grad_logits * scale per row)
-  linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias) -> None   (optional)
+
+linear_cross_entropy also calls linear_grad_weight_accumulate, in fastdl/backends/triton/linear.py.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import triton
 from fastdl.backends.common import cross_entropy_outputs
 from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, interpreter_bf16, wrap_triton
 from fastdl.kernels.triton import cross_entropy as _ce
-from fastdl.kernels.triton import linear as _linear
 
 
 @interpreter_bf16(results=("acc", "io"), mutates=("logits",))  # loss_rows, grad_logits; logits if inplace
@@ -92,30 +92,3 @@ def cross_entropy_bwd(grad_logits, scale, out):
         ACC_DTYPE=ACC_DTYPE[x.dtype], BLOCK_C=block, num_warps=4,
     )
     return out
-
-
-@interpreter_bf16(mutates=("grad_weight", "grad_bias"))
-def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accumulate=True):
-    """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
-    accumulate=False: = instead of += (what grad_weight and grad_bias held is neither read nor kept).
-
-    grad_out (M, N), input (M, K) in the same dtype; grad_weight (N, K) in any float dtype;
-    grad_bias (N,) contiguous or None.
-    """
-    M, K = input.shape
-    N = grad_weight.shape[0]
-    if M == 0 or N == 0:
-        if not accumulate:
-            grad_weight.zero_()
-            if grad_bias is not None:
-                grad_bias.zero_()
-        return
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])),)
-    wrap_triton(_linear._linear_grad_weight_accumulate)[grid](
-        grad_out, input, grad_weight, grad_bias if grad_bias is not None else grad_weight,
-        M, N, K,
-        grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
-        grad_weight.stride(0), grad_weight.stride(1),
-        HAS_BIAS=grad_bias is not None, ACCUMULATE=bool(accumulate), ACC_DTYPE=ACC_DTYPE[input.dtype],
-        INPUT_PRECISION=input_precision(input.dtype),
-    )

@@ -122,3 +122,30 @@ def _grad_weight(grad_out, s, input, grad_weight, grad_bias, code, negative_slop
             block = 1024
             wrap_triton(_k._sum_splits)[(triton.cdiv(out.numel(), block),)](
                 partial, out, out.numel(), SPLITS=splits, BLOCK=block)
+
+
+@interpreter_bf16(mutates=("grad_weight", "grad_bias"))
+def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accumulate=True):
+    """In place: grad_weight += grad_out.T @ input; grad_bias += grad_out.sum(0) (grad_bias may be None).
+    accumulate=False: = instead of += (what grad_weight and grad_bias held is neither read nor kept).
+
+    grad_out (M, N), input (M, K) in the same dtype; grad_weight (N, K) in any float dtype;
+    grad_bias (N,) contiguous or None.
+    """
+    M, K = input.shape
+    N = grad_weight.shape[0]
+    if M == 0 or N == 0:
+        if not accumulate:
+            grad_weight.zero_()
+            if grad_bias is not None:
+                grad_bias.zero_()
+        return
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])),)
+    wrap_triton(_k._linear_grad_weight_accumulate)[grid](
+        grad_out, input, grad_weight, grad_bias if grad_bias is not None else grad_weight,
+        M, N, K,
+        grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
+        grad_weight.stride(0), grad_weight.stride(1),
+        HAS_BIAS=grad_bias is not None, ACCUMULATE=bool(accumulate), ACC_DTYPE=ACC_DTYPE[input.dtype],
+        INPUT_PRECISION=input_precision(input.dtype),
+    )
