@@ -216,3 +216,11 @@ def test_reference_backward_matches_finite_differences(case):
             args_minus[index][i] -= eps
             numeric[i] = (loss(*args_plus) - loss(*args_minus)) / (2 * eps)
         np.testing.assert_allclose(analytic[index], numeric, rtol=1e-6, atol=1e-7)
+
+
+def test_bool_in_a_later_tuple_element_is_rejected_though_torch_takes_it():
+    x = make_tensor((1, 2, 9, 8), torch.float64)
+    w = make_tensor((2, 2, 3, 3), torch.float64)
+    assert F.conv2d(x, w, stride=(1, True)).shape == (1, 2, 7, 6)  # torch reads (1, 1)
+    with pytest.raises(TypeError):
+        ref.normalize_args((3, 3), stride=(1, True))

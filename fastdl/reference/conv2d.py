@@ -79,7 +79,9 @@ def normalize_args(kernel_size, stride=1, padding=0, dilation=1, groups=1):
     "same" with a stride other than 1, then non-positive groups, negative padding (also "same"
     with a negative dilation), non-positive stride, non-positive dilation. Checks that need the
     input's or weight's shape (channels divisible by groups, the kernel larger than the padded
-    input) are the functional layer's.
+    input) are the functional layer's. One deliberate difference: torch's argument parser checks
+    only the first element of a tuple for bool, so it takes stride=(1, True) as (1, 1); this
+    rejects a bool anywhere.
     """
     R, S = (_as_int(k, "kernel_size") for k in kernel_size)
     stride_ints = _ints(stride, "stride")
