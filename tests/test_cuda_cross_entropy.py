@@ -116,6 +116,31 @@ def test_emulated_layouts(emulated_backend, dtype):
             _check_launcher(emulated_backend, x, t, None, compute_grad=False, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_head_body_tail_boundaries(emulated_backend, dtype):
+    # sweep_row's split: a head up to the row's first 16-byte boundary, 16-byte packs, a tail.
+    # Odd C puts the 5 contiguous rows on different phases; C around one pack, two packs and one
+    # pack per thread of the block (row_threads) moves the body's end across every thread.
+    pack = 16 // torch.empty((), dtype=dtype).element_size()
+    for C in (1, pack - 1, pack + 1, 2 * pack + 1, 32 * pack - 1, 32 * pack + 3, 1025):
+        C = max(C, 1)
+        x = make_tensor((5, C), dtype, seed=C, scale=3.0)
+        target = torch.randint(0, C, (5,), generator=torch.Generator().manual_seed(C))
+        target[2], target[3] = C - 1, 0  # in the tail, in the head
+        prob = make_target((5, C), C, "prob", dtype)
+        weight = (make_tensor((C,), torch.float64, seed=2).abs() + 0.1).to(dtype)
+        for t, w, smoothing in ((target, None, 0.0), (target, weight, 0.2), (prob, weight, 0.3)):
+            _check_launcher(emulated_backend, x, t, w, smoothing=smoothing, name=f"C={C}")
+        # In place, as linear_cross_entropy's chunks: the packed stores land on the packed loads.
+        scale = torch.rand(5, generator=torch.Generator().manual_seed(5)).to(ce_ops.acc_dtype(dtype)) + 0.5
+        loss, grad = emulated_backend.cross_entropy_fwd(x, target, weight, scale, -100, 0.2, True)
+        buffer = x.clone()
+        loss_inplace, grad_inplace = emulated_backend.cross_entropy_fwd(buffer, target, weight, scale, -100, 0.2,
+                                                                        True, inplace=True)
+        assert grad_inplace.data_ptr() == buffer.data_ptr()
+        assert torch.equal(grad_inplace, grad) and torch.equal(loss_inplace, loss), C
+
+
 def test_emulated_scales_and_ignore_index(emulated_backend):
     x = make_tensor((7, 33), torch.float64, seed=1, scale=3.0)
     target = make_target((7, 33), 33, "index", torch.float64)
@@ -204,7 +229,10 @@ def test_emulated_scale_rows(emulated_backend, monkeypatch, dtype):
     monkeypatch.setattr(cupy_ce, "MAX_GRID_Y", 2)
     monkeypatch.setattr(cupy_ce, "SCALE_ROWS_PACKS", 1)
     x = lambda: make_tensor((5, 2500), dtype, seed=1)  # noqa: E731
+    odd = lambda: make_tensor((5, 2501), dtype, seed=1)  # noqa: E731
     cases = {
+        "odd C: contiguous rows on every 16-byte phase (head, packs, tail)": (odd(), torch.rand(5)),
+        "odd C, one row": (odd()[0], torch.tensor(1.5)),
         "scalar": (x(), torch.tensor(0.3)),
         "per row, in the gradient's dtype": (x(), make_tensor((5,), dtype, seed=2)),
         "offset view (rows off the 16-byte grid)": (x()[:, 3:], torch.rand(5, dtype=torch.float64)),
@@ -215,8 +243,11 @@ def test_emulated_scale_rows(emulated_backend, monkeypatch, dtype):
     for name, (grad, scale) in cases.items():
         want = _np(grad) * (_np(scale)[:, None] if scale.dim() else _np(scale))
         before = grad.clone()
-        # Out of place, into a contiguous tensor and into one with strides of its own.
-        for out in (torch.empty(grad.shape, dtype=dtype), make_tensor(grad.shape, dtype, seed=9, noncontiguous=True)):
+        # Out of place, into a contiguous tensor, one with strides of its own, and one whose rows sit
+        # on another 16-byte phase than grad's (element-wise fallback).
+        shifted = torch.empty(grad.numel() + 1, dtype=dtype)[1:].view(grad.shape)
+        for out in (torch.empty(grad.shape, dtype=dtype), make_tensor(grad.shape, dtype, seed=9, noncontiguous=True),
+                    shifted):
             result = emulated_backend.cross_entropy_bwd(grad, scale, out)
             assert result is out
             assert_close(out, want, dtype, name=name)

@@ -71,6 +71,21 @@ struct alignas(PACK_BYTES) Pack {
     T v[size];
 };
 
+// One 16-byte store of a pack at p (16-byte aligned). A plain `*(Pack<T>*)p = v` was split by
+// NVVM into element stores in scale_rows (STG.E.U16 x 8 for half); CUDA's __stwb on uint4 is one
+// st.global.v4 (STG.E.128) with the default write-back policy. The host emulation
+// (tests/cuda_emulation.py, no __CUDACC__) copies the pack.
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
+#ifdef __CUDACC__
+    uint4 bits;
+    memcpy(&bits, &v, sizeof(bits));
+    __stwb(reinterpret_cast<uint4*>(p), bits);
+#else
+    *reinterpret_cast<Pack<T>*>(p) = v;
+#endif
+}
+
 // f(col, x_col) for every column of a row, each column by one of `threads` threads (this is
 // `thread`); with STORE, f's result is written to g[col] in T. Columns [head, body_end) go a pack
 // at a time: x contiguous from its first 16-byte boundary, and g (when storing) contiguous and
@@ -100,7 +115,7 @@ __device__ __forceinline__ void sweep_row(const T* x, long long stride_xc, T* g,
             auto r = f(col + j, to_acc(in.v[j]));
             if (STORE) out.v[j] = from_acc<T>(r);
         }
-        if (STORE) *reinterpret_cast<P*>(g + col) = out;
+        if (STORE) store_pack(g + col, out);
     }
     for (long long col = body_end + thread; col < C; col += threads) {
         auto r = f(col, to_acc(x[col * stride_xc]));
@@ -120,13 +135,18 @@ __device__ __forceinline__ void online_update(Acc& m, Acc& s, Acc x) {
     }
 }
 
-// (m, s) += (m_o, s_o): both sums rescaled to the larger max, or shifted by 0 when it is -inf.
+// (m, s) += (m_o, s_o), in the larger max: the other sum rescaled by exp(lo - hi), or adding 0
+// when the smaller max is -inf (no columns, or all -inf; then -inf - -inf would be nan). One exp
+// per combine, not one per side (the larger side's is exp(0) = 1): two cost
+// cross_entropy_fwd<double> 24 bytes of spills on sm_90 (the five unrolled shuffle steps held
+// both exps' polynomial constants at once). A +inf max keeps the nan its sum already holds.
 template <typename Acc>
 __device__ __forceinline__ void combine(Acc& m, Acc& s, Acc m_o, Acc s_o) {
-    const Acc m_new = m_o > m ? m_o : m;
-    const Acc shift = m_new == neg_inf<Acc>() ? Acc(0) : m_new;
-    s = s * exp_(m - shift) + s_o * exp_(m_o - shift);
-    m = m_new;
+    const bool other_larger = m_o > m;
+    const Acc hi = other_larger ? m_o : m, lo = other_larger ? m : m_o;
+    const Acc s_hi = other_larger ? s_o : s, s_lo = other_larger ? s : s_o;
+    s = s_hi + (lo == neg_inf<Acc>() ? Acc(0) : s_lo * exp_(lo - hi));
+    m = hi;
 }
 
 // Block reductions: xor butterflies within each warp, the warps' results through shared memory,
