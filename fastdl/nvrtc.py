@@ -41,8 +41,30 @@ def preludes(stem: str) -> tuple[str, ...]:
     return tuple(_cupy_backend.SOURCE_PRELUDES.get(stem, ()))
 
 
-def _join(parts: list[tuple[str, str]]) -> str:
-    """(file name, text) pairs as one translation unit; #line keeps each file's own line numbers."""
+_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.M)
+
+
+def _expand(name: str, text: str, read, included: set[str]) -> str:
+    """text with each #include "<header>.cuh" replaced by the header's text (read(name) gives it),
+    once per module; #line keeps every file's own line numbers in compiler messages."""
+    def header(match):
+        header_name = match.group(1)
+        if header_name in included:
+            return ""
+        included.add(header_name)
+        body = _expand(header_name, read(header_name).replace("#pragma once\n", "", 1), read, included)
+        line = text.count("\n", 0, match.end()) + 2
+        return f'#line 1 "{header_name}"\n{body}\n#line {line} "{name}"'
+
+    return _INCLUDE.sub(header, text)
+
+
+def _join(parts: list[tuple[str, str]], read=None) -> str:
+    """(file name, text) pairs as one translation unit, their .cuh includes inlined (NVRTC, CuPy
+    and the host emulation see one text, no include path); #line keeps each file's own line numbers."""
+    read = read or (lambda header: importlib.resources.files("fastdl.kernels.cuda").joinpath(header).read_text())
+    included: set[str] = set()
+    parts = [(name, _expand(name, text, read, included)) for name, text in parts]
     return "".join(f'#line 1 "{name}"\n{text}\n' for name, text in parts) if len(parts) > 1 else parts[0][1]
 
 
@@ -168,7 +190,7 @@ def compile_cubin(path_or_text, arch: str, name_expressions: tuple[str, ...] | N
         path = Path(path_or_text)
         name = path.name
         text = _join([(f"{s}.cu", (path.parent / f"{s}.cu").read_text()) for s in preludes(path.stem)]
-                     + [(name, path.read_text())])
+                     + [(name, path.read_text())], read=lambda header: (path.parent / header).read_text())
         if name_expressions is None:
             name_expressions = instantiations(path.stem)
     else:
