@@ -1,9 +1,12 @@
 """kernels/cuda/*.cu run on the CPU: the cupy backend's launchers, with only the final launch swapped.
 
-Each source's module (fastdl.nvrtc.module_source: preludes included) is compiled as host C++
-against a small emulation of CUDA: blocks run in order, a block's threads are std::threads
-meeting at a std::barrier for __syncthreads, __shared__ is static, and a warp's 32 threads
-exchange __shfl_xor_sync values through a slot each and a barrier of their own. Every template
+Each source's module (fastdl.nvrtc.module_source: preludes and .cuh headers included) is compiled
+as host C++ against a small emulation of CUDA: blocks run in order, a block's threads are
+std::threads meeting at a std::barrier for __syncthreads, __shared__ is static, and a warp's 32
+threads exchange __shfl_xor_sync values through a slot each and a barrier of their own. The
+tensor-core instructions (mma.cuh's ldmatrix and mma.sync, inline PTX on the GPU) have an
+emulation branch there (FASTDL_HOST_EMULATION, defined here): warp-collective through the same
+slots, each lane receiving the registers the PTX ISA's fragment layouts give it. Every template
 instantiation the backend compiles (NAME_EXPRESSIONS) gets a C entry point, called through ctypes
 with the launcher's own arguments on CPU tensors. A failed FASTDL_DEVICE_ASSERT is recorded and
 raised as EmulatedDeviceAssert after the launch. Accesses to misaligned addresses (found by
@@ -53,8 +56,10 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+#define FASTDL_HOST_EMULATION 1
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
@@ -71,6 +76,19 @@ template <typename V> V __shfl_xor_sync(unsigned, V value, int lane_mask) {
     warp.arrive_and_wait();
     return other;
 }
+// Every lane of a warp calls it: all[l] is lane l's value, in every lane (mma.cuh's ldmatrix and
+// mma gather their operands' registers this way, then give each lane what the hardware would).
+template <typename V> void emulated_warp_gather(const V& value, V (&all)[32]) {
+    static V slots[1024];
+    const unsigned t = threadIdx.x;
+    std::barrier<>& warp = *warp_barriers[t / 32];
+    slots[t] = value;
+    warp.arrive_and_wait();
+    for (unsigned l = 0; l < 32; ++l) all[l] = slots[(t & ~31u) | l];
+    warp.arrive_and_wait();
+}
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(unsigned long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 struct __half { uint16_t bits; };
@@ -127,10 +145,8 @@ int emulate(long long grid_x, long long grid_y, int threads, void (*kernel)(P...
 }
 """
 
-# Element types as the kernels' templates name them, and how the host build spells their entry points.
-HOST_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
-              torch.float64: "double"}
-_DTYPE_OF = {ctype: dtype for dtype, ctype in HOST_TYPES.items()}
+# (kernel, precision) of every emulated launch, in order: which instantiation a launcher picked.
+launches: list[tuple] = []
 
 
 class EmulatedDeviceAssert(AssertionError):
@@ -155,50 +171,66 @@ def _build_folder() -> Path:
     return _folder
 
 
-@functools.cache
-def build(stem: str):
-    """The module of kernels/cuda/<stem>.cu as a host library: {(kernel, dtype): function}, or a
-    string saying why it cannot be built here (no compiler, no C++20 or _Float16)."""
+def host_library(name: str, source: str, expressions) -> dict | str:
+    """`source` (CUDA C, headers inlined) as a host library with one C entry point per template
+    instantiation in `expressions` ("kernel<args>"): {expression: (function, library)}, or a
+    string saying why it cannot be built here (no compiler, no C++20 or _Float16). Each entry
+    point takes (grid_x, grid_y, threads, the kernel's own arguments)."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return "no C++ compiler for the host emulation of the CUDA kernels"
-    source = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", nvrtc.module_source(stem))
+    source = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", source)
     entries, wrappers = {}, []
-    for expression in cupy_backend.NAME_EXPRESSIONS[stem]:
-        name, ctype = re.fullmatch(r"(\w+)<(.+)>", expression).groups()
-        match = re.search(r"__global__ void (?:__launch_bounds__\([^)]*\) )?" + name + r"\((.*?)\)\s*\{", source, re.S)
+    for index, expression in enumerate(expressions):
+        kernel, args = re.fullmatch(r"(\w+)<(.+)>", expression).groups()
+        ctype = args.split(",")[0].strip()
+        match = re.search(r"__global__ void (?:__launch_bounds__\([^)]*\) )?" + kernel + r"\((.*?)\)\s*\{", source, re.S)
         params = [" ".join(p.split()) for p in match.group(1).split(",")]
         arg_names = [re.split(r"[\s*]+", p)[-1] for p in params]
         decl = ", ".join(re.sub(r"\bT\b", ctype, p) for p in params)
-        symbol = f"{name}_{str(_DTYPE_OF[ctype])[6:]}"
+        symbol = f"{kernel}_{index}"
         wrappers.append(f'extern "C" int {symbol}(long long grid_x, long long grid_y, int threads, {decl}) '
-                        f'{{ return emulate(grid_x, grid_y, threads, {name}<{ctype}>, {", ".join(arg_names)}); }}')
-        entries[(name, _DTYPE_OF[ctype])] = (symbol, [_ctype(p) for p in params])
+                        f'{{ return emulate(grid_x, grid_y, threads, {kernel}<{args}>, {", ".join(arg_names)}); }}')
+        entries[expression] = (symbol, [_ctype(p) for p in params])
     folder = _build_folder()
-    (folder / f"{stem}.cpp").write_text("\n".join([PRELUDE, source, *wrappers]))
+    (folder / f"{name}.cpp").write_text("\n".join([PRELUDE, source, *wrappers]))
     result = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
                              "-fsanitize=alignment", "-fsanitize-recover=alignment",
-                             str(folder / f"{stem}.cpp"), "-o", str(folder / f"{stem}.so")],
+                             str(folder / f"{name}.cpp"), "-o", str(folder / f"{name}.so")],
                             capture_output=True, text=True)
     if result.returncode != 0:
         return f"the host compiler cannot build the emulation (needs C++20 and _Float16):\n{result.stderr[-2000:]}"
-    library = ctypes.CDLL(str(folder / f"{stem}.so"))
+    library = ctypes.CDLL(str(folder / f"{name}.so"))
     library.emulated_assert_message.restype = ctypes.c_char_p
     functions = {}
-    for key, (symbol, argtypes) in entries.items():
+    for expression, (symbol, argtypes) in entries.items():
         fn = getattr(library, symbol)
         fn.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int] + argtypes
         fn.restype = ctypes.c_int
-        functions[key] = (fn, library)
+        functions[expression] = (fn, library)
     return functions
 
 
-def launch(name, like, num_blocks, args, stem="linear", threads=cupy_backend.THREADS):
+@functools.cache
+def build(stem: str):
+    """The module of kernels/cuda/<stem>.cu as a host library: {(kernel, precision): function},
+    precision being a key of the backend's CUDA_TYPES (a dtype, or "tf32"), or a string saying
+    why it cannot be built here."""
+    functions = host_library(stem, nvrtc.module_source(stem), cupy_backend.NAME_EXPRESSIONS[stem])
+    if isinstance(functions, str):
+        return functions
+    precision_of = {args: precision for precision, args in cupy_runtime.CUDA_TYPES.items()}
+    return {(expression.split("<")[0], precision_of[expression.split("<", 1)[1][:-1]]): entry
+            for expression, entry in functions.items()}
+
+
+def launch(name, like, num_blocks, args, stem="linear", threads=cupy_backend.THREADS, precision=None):
     """cupy_runtime.launch's signature, run by the emulation on CPU tensors."""
     functions = build(stem)
     if isinstance(functions, str):
         pytest.skip(functions)
-    fn, library = functions[(name, like.dtype)]
+    fn, library = functions[(name, precision or like.dtype)]
+    launches.append((name, precision or like.dtype))
     grid = tuple(num_blocks) if isinstance(num_blocks, tuple) else (num_blocks,)
     values = [int(a) if isinstance(a, np.uint64) else a.item() for a in args]
     failed_asserts = fn(grid[0], grid[1] if len(grid) > 1 else 1, threads, *values)

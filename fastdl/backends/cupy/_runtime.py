@@ -18,15 +18,20 @@ import numpy as np
 import torch
 
 
-# The element type each kernel template is instantiated for.
+# The template arguments of each kernel per precision: the element type, and for "tf32" (float32
+# inputs on TF32 tensor cores, linear.cu's matmuls when torch.backends.cuda.matmul.allow_tf32)
+# float with the TF32 flag set. fastdl.inspection reads the precision of a CUDA row from here.
+TF32 = "tf32"
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float",
-              torch.float64: "double"}
+              torch.float64: "double", TF32: "float, true"}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate")
 CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows")
 # Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
 NAME_EXPRESSIONS = {
-    stem: tuple(f"{kernel}<{ctype}>" for kernel in kernels for ctype in CUDA_TYPES.values())
-    for stem, kernels in (("linear", LINEAR_KERNELS), ("cross_entropy", CROSS_ENTROPY_KERNELS))
+    stem: tuple(f"{kernel}<{CUDA_TYPES[precision]}>" for kernel in kernels for precision in precisions)
+    for stem, kernels, precisions in (("linear", LINEAR_KERNELS, (*DTYPES, TF32)),
+                                      ("cross_entropy", CROSS_ENTROPY_KERNELS, DTYPES))
 }
 # Per source stem: the sources compiled before it in the same module (cross_entropy.cu uses
 # linear.cu's element types).
@@ -92,13 +97,20 @@ def i64(*values) -> list[np.int64]:
     return [np.int64(v) for v in values]
 
 
+def tf32(dtype: torch.dtype) -> bool:
+    """Whether float32 matmuls may round their inputs to TF32: torch's own switch, as the Triton
+    backend's input_precision (fastdl/backends/triton/_launch.py), so fastdl matches F.linear."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def launch(name: str, like: torch.Tensor, num_blocks: int | tuple[int, ...], args: tuple,
-            stem: str = "linear", threads: int = THREADS) -> None:
-    """name<like's type> from kernels/cuda/<stem>.cu on like's device and torch's current stream."""
+            stem: str = "linear", threads: int = THREADS, precision=None) -> None:
+    """name<like's type> from kernels/cuda/<stem>.cu on like's device and torch's current stream;
+    precision (a key of CUDA_TYPES, e.g. TF32) picks another instantiation than like's dtype."""
     cupy = _cupy()
     device = like.device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _function(stem, index, f"{name}<{CUDA_TYPES[like.dtype]}>")
+    fn = _function(stem, index, f"{name}<{CUDA_TYPES[precision or like.dtype]}>")
     grid = num_blocks if isinstance(num_blocks, tuple) else (num_blocks,)
     with cupy.cuda.Device(index):
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)

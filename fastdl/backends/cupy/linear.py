@@ -10,6 +10,12 @@ from fastdl.backends.cupy import _runtime as rt
 from fastdl.backends.cupy._runtime import BLOCK_COLS, BLOCK_ROWS
 
 
+def _precision(input: torch.Tensor):
+    """The instantiation to launch: TF32 tensor cores for float32 when torch allows TF32, else
+    the input's dtype (float32 then stays on the SIMT path, in full float32)."""
+    return rt.TF32 if rt.tf32(input.dtype) else input.dtype
+
+
 def linear_fwd(input, weight, bias, activation, negative_slope):
     """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
     M, K = input.shape
@@ -25,7 +31,7 @@ def linear_fwd(input, weight, bias, activation, negative_slope):
               bias.stride(0) if bias is not None else 0,
               out.stride(0), out.stride(1), s_strides[0], s_strides[1]),
         np.float64(negative_slope), np.int32(bias is not None), np.int32(code),
-    ))
+    ), precision=_precision(input))
     return out, saved
 
 
@@ -50,7 +56,7 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
                           grad_out.stride(0), grad_out.stride(1), s_strides[0], s_strides[1],
                           weight.stride(0), weight.stride(1), grad_input.stride(0), grad_input.stride(1)),
                     np.float64(negative_slope), np.int32(code),
-                ))
+                ), precision=_precision(input))
     if needs_weight_grad or needs_bias_grad:
         if needs_weight_grad:
             grad_weight = torch.empty((N, K), device=input.device, dtype=weight.dtype)
@@ -71,7 +77,7 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
                       grad_out.stride(0), grad_out.stride(1), s_strides[0], s_strides[1],
                       input.stride(0), input.stride(1), w_strides[0], w_strides[1]),
                 np.float64(negative_slope), np.int32(needs_bias_grad), np.int32(code),
-            ))
+            ), precision=_precision(input))
     return grad_input, grad_weight, grad_bias
 
 
@@ -101,7 +107,7 @@ def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accum
         *rt.i64(M, N, K, grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
               w.stride(0), w.stride(1)),
         np.int32(b is not None),
-    ), stem="linear")
+    ), stem="linear", precision=_precision(input))
     if w is not grad_weight:
         grad_weight.add_(w)
     if b is not grad_bias:
