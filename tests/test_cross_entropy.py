@@ -230,6 +230,124 @@ def test_triton_bad_target_trips_the_device_assert(monkeypatch):
     launchers.cross_entropy_fwd(x, torch.tensor([0, -100, 1]), None, torch.ones(()), -100, 0.0, True)
 
 
+# --- the row split of the Triton row kernels: ragged head, aligned body, ragged tail -----------------
+# With VEC elements to 16 bytes (8 fp16, 4 fp32, 2 fp64), a row starting at element row_off of an
+# aligned base has lead = -row_off mod VEC head columns, then a body of whole VEC groups swept
+# BLOCK_C at a time with 16-byte accesses, then fewer than VEC tail columns.
+
+def _check_triton_launcher(x, target, weight=None, smoothing=0.0, compute_grad=True, inplace=False, name=""):
+    """The triton launcher against the float64 reference launcher, row by row."""
+    from fastdl.backends import reference as reference_backend
+    from fastdl.backends import triton as launchers
+
+    R = x.shape[0]
+    scale = torch.rand(R, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+    want_loss, want_grad = reference_backend.cross_entropy_fwd(
+        x.double(), target if target.dim() == 1 else target.double(), None if weight is None else weight.double(),
+        scale, 1, smoothing, compute_grad)
+    loss, grad = launchers.cross_entropy_fwd(x, target, weight, scale.to(ce_ops.acc_dtype(x.dtype)), 1, smoothing,
+                                             compute_grad, inplace=inplace)
+    assert_close(loss, want_loss, x.dtype, name=f"loss rows {name}")
+    if compute_grad:
+        assert grad.shape == x.shape
+        assert_close(grad, want_grad, x.dtype, name=f"grad {name}")
+    return loss, grad
+
+
+VEC_OF = {torch.float16: 8, torch.float32: 4, torch.float64: 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_triton_row_split_picks_the_vector_width(dtype):
+    from fastdl.backends.triton.cross_entropy import row_vector_width
+
+    vec = VEC_OF[dtype]
+    wide = torch.zeros((4, 64 + 16), dtype=dtype)
+    assert row_vector_width(torch.zeros((4, 64), dtype=dtype)) == (vec, False)  # every row on a boundary
+    assert row_vector_width(torch.zeros((4, 63), dtype=dtype)) == (vec, True)   # rows start off it
+    assert row_vector_width(torch.zeros((1, 3), dtype=dtype)) == (vec, True)    # C % VEC != 0: a tail
+    assert row_vector_width(wide[:, :64]) == (vec, False)                       # row stride 80: aligned
+    assert row_vector_width(wide[:, :64 + 1]) == (vec, False) if vec == 1 else (vec, True)
+    assert row_vector_width(wide[:, 1:65]) == (1, False)                        # base off a boundary
+    assert row_vector_width(wide[:, ::2]) == (1, False)                         # column stride 2
+    assert row_vector_width(wide.t()) == (1, False)                             # column-major
+    # scale_rows' float32 sums into fp16: VEC of the narrower dtype
+    assert row_vector_width(torch.zeros((4, 64)), torch.zeros((4, 64), dtype=torch.float16))[0] == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_triton_head_body_tail_boundaries(dtype):
+    # C below, at and above VEC, 2 * VEC (the ragged block's size), and the 4096-column block;
+    # 5 rows, so contiguous rows of odd C start at 5 different phases (leads 0..VEC-1).
+    vec = VEC_OF[dtype]
+    for C in (1, vec - 1, vec, vec + 1, 2 * vec - 1, 2 * vec + 1, 3 * vec + 3, 1000, 4095, 4096 + vec + 1):
+        C = max(C, 1)
+        x = make_tensor((5, C), dtype, seed=C, scale=3.0)
+        target = torch.randint(0, C, (5,), generator=torch.Generator().manual_seed(C))
+        target[1] = 1  # ignore_index 1 (when C > 1)
+        target[2] = C - 1  # the target in the tail
+        target[3] = 0  # the target in the head
+        weight = (make_tensor((C,), torch.float64, seed=2).abs() + 0.1).to(dtype)
+        prob = torch.softmax(make_tensor((5, C), torch.float64, seed=3), dim=1).to(dtype)
+        for t, w, smoothing in ((target, None, 0.0), (target, weight, 0.2), (prob, None, 0.0), (prob, weight, 0.3)):
+            _check_triton_launcher(x, t, w, smoothing, name=f"C={C}")
+        _check_triton_launcher(x, target, None, 0.0, compute_grad=False, name=f"C={C} loss only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_triton_row_split_layouts(dtype):
+    # Rows that start on every phase of an aligned base (padded row strides), a base off the
+    # 16-byte grid, gradients and targets on another phase than the logits, in place.
+    vec = VEC_OF[dtype]
+    C = 4 * vec + 3
+    base = make_tensor((6, C + 2 * vec), dtype, seed=1, scale=3.0)
+    target = torch.randint(0, C, (6,), generator=torch.Generator().manual_seed(4))
+    prob = torch.softmax(make_tensor((6, C), torch.float64, seed=3), dim=1).to(dtype)
+    prob_padded = torch.zeros((6, C + 1), dtype=dtype)[:, :C].copy_(prob)  # another phase than the logits
+    weight = (make_tensor((C,), torch.float64, seed=2).abs() + 0.1).to(dtype)
+    layouts = {
+        "row stride C + 1": base[:, :C + 1][:, :C].as_strided((6, C), (C + 1, 1)),
+        "row stride C + 2 VEC (same phase as contiguous)": base[:, :C],
+        "base off the grid": base[:, 1:C + 1],
+        "column stride 2": make_tensor((6, C), dtype, seed=1, scale=3.0, noncontiguous=True),
+        "column-major": base[:, :C].t().contiguous().t(),
+    }
+    for name, x in layouts.items():
+        for t in (target, prob, prob_padded, prob.t().contiguous().t()):
+            _check_triton_launcher(x, t, weight, 0.1, name=name)
+        # In place (linear_cross_entropy's chunks): the gradient over the logits, same strides.
+        loss, grad = _check_triton_launcher(x, target, weight, 0.1, name=name)
+        # A copy of x's storage, viewed as x is: the same offsets, so the same 16-byte phases.
+        buffer = torch.empty(0, dtype=dtype).set_(x.untyped_storage().clone(), x.storage_offset(), x.shape, x.stride())
+        loss_inplace, grad_inplace = _check_triton_launcher(buffer, target, weight, 0.1, inplace=True, name=name)
+        assert grad_inplace.data_ptr() == buffer.data_ptr()
+        assert torch.equal(grad_inplace, grad) and torch.equal(loss_inplace, loss), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_triton_scale_rows_head_body_tail(dtype):
+    from fastdl.backends import triton as launchers
+
+    vec = VEC_OF[dtype]
+    for C in (1, vec - 1, vec + 1, 2 * vec + 1, 1023, 1025, 2048 + vec + 1):
+        C = max(C, 1)
+        x = make_tensor((5, C + vec), dtype, seed=C)
+        scale = torch.rand(5, dtype=torch.float64) + 0.5
+        cases = {
+            "contiguous": (x[:, :C].contiguous(), torch.empty((5, C), dtype=dtype)),
+            "padded rows, out contiguous (another phase)": (x[:, :C], torch.empty((5, C), dtype=dtype)),
+            "padded rows, out on the same phase": (x[:, :C], torch.empty((5, C + vec), dtype=dtype)[:, :C]),
+            "base off the grid": (x[:, 1:C + 1], torch.empty((5, C), dtype=dtype)),
+            "float32 sums into the narrower dtype": (x[:, :C].to(ce_ops.acc_dtype(dtype)).contiguous(),
+                                                     torch.empty((5, C), dtype=dtype)),
+        }
+        for name, (grad, out) in cases.items():
+            before = grad.clone()
+            launchers.cross_entropy_bwd(grad, scale.to(ce_ops.acc_dtype(dtype)), out)
+            assert_close(out, _np(grad) * _np(scale)[:, None], dtype, name=f"C={C} {name}")
+            assert torch.equal(grad, before)
+
+
 def test_reference_backend_matches_reference():
     for reduction in REDUCTIONS:
         run_cross_entropy("reference", torch.float32, (9, 37), "index+weight+ignore+smoothing", reduction)
