@@ -37,7 +37,8 @@ LINEAR_SHAPES = [
 def run_linear_cross_entropy(backend, dtype, shape, reduction, monkeypatch, *, has_bias=True, label_smoothing=0.0,
                              ignore=True, device="cpu"):
     N, H, V, rows = shape
-    monkeypatch.setenv(lce_ops.CHUNK_ROWS_ENV, str(rows))
+    if rows is not None:
+        monkeypatch.setenv(lce_ops.CHUNK_ROWS_ENV, str(rows))
     x = make_tensor((N, H), dtype, device, seed=1, requires_grad=True)
     w = make_tensor((V, H), dtype, device, seed=2, scale=3 * H ** -0.5, requires_grad=True)
     b = make_tensor((V,), dtype, device, seed=3, requires_grad=True) if has_bias else None
@@ -155,6 +156,130 @@ def test_chunk_rows_fit_the_budget():
     assert rows % 128 == 0 and rows * V * 2 <= lce_ops.CHUNK_BYTES
     assert lce_ops.chunk_rows(5, V, 2, torch.device("cpu")) == 5            # never more rows than the batch
     assert lce_ops.chunk_rows(8192, 2**31, 4, torch.device("cpu")) == 1     # at least one row
+
+
+# --- chunks in whole waves of the cross-entropy kernel (sized on a GPU; checked here) ---------------
+
+def _props(arch, sms):
+    """torch.cuda.get_device_properties as an H100 (sm_90) or A100 (sm_80) reports it."""
+    import types
+
+    from fastdl.inspection import sass
+
+    device = sass.DEVICES[arch]
+    major, minor = int(arch[3]), int(arch[4])
+    return types.SimpleNamespace(multi_processor_count=sms, regs_per_multiprocessor=device.registers,
+                                 shared_memory_per_multiprocessor=device.shared_per_sm,
+                                 max_threads_per_multi_processor=32 * device.max_warps, major=major, minor=minor)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_resident_blocks_agree_with_inspects_occupancy(arch):
+    from fastdl.inspection import sass
+
+    props = _props(arch, 1)
+    for registers in (16, 32, 40, 41, 48, 63, 64, 100, 128, 168, 255):
+        for shared in (0, 32, 1056, 40 * 1024, 100 * 1024):
+            for warps in (1, 2, 4, 8, 16):
+                assert lce_ops.resident_blocks(registers, shared, warps, props) == \
+                    sass.occupancy(registers, shared, warps, arch)["blocks_per_sm"], (registers, shared, warps)
+
+
+@pytest.fixture(scope="module")
+def compiled_row_kernels():
+    """cross_entropy_fwd compiled for sm_80 and sm_90 at the three vocabularies, as a chunk of
+    linear_cross_entropy launches it ("mean": one grad_scale, gradient in place over contiguous
+    logits), read by fastdl inspect: {(arch, precision, V): row}."""
+    pytest.importorskip("cuda.bindings.nvrtc", reason="the SASS reader's toolchain comes with the CUDA wheels")
+    from fastdl.inspection import inspect
+
+    rows = inspect(archs=["sm_80", "sm_90"], configs="default", cuda=False,
+                   cases=[f"cross_entropy {p} 8192x" for p in ("bf16", "fp32")])["rows"]
+    found = {}
+    for row in rows:
+        if row["kernel"] == "cross_entropy_fwd" and not row["error"]:
+            for case in row["cases"]:
+                found[(row["arch"], row["precision"], int(case.rsplit("x", 1)[1]))] = row
+    return found
+
+
+@pytest.mark.parametrize("V", [32000, 50257, 128256])
+@pytest.mark.parametrize("precision,itemsize", [("bf16", 2), ("fp32", 4)])
+@pytest.mark.parametrize("gpu,arch,sms", [("H100", "sm_90", 132), ("A100", "sm_80", 108)])
+def test_chunks_are_whole_waves_of_the_row_kernel(compiled_row_kernels, monkeypatch, gpu, arch, sms, precision,
+                                                  itemsize, V):
+    row = compiled_row_kernels[(arch, precision, V)]
+    props = _props(arch, sms)
+    blocks = lce_ops.resident_blocks(row["registers"], row["shared"], row["num_warps"], props)
+    assert blocks == row["blocks_per_sm"] > 0
+    wave = sms * blocks
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    rows = lce_ops.chunk_rows(8192, V, itemsize, torch.device("cuda"), wave)
+    fits = lce_ops.CHUNK_BYTES // (V * itemsize)
+    assert rows <= fits
+    if fits >= wave:  # at least one wave fits the budget
+        # Whole waves, those cut down to whole 128-row matmul tiles, or whole tiles (as before):
+        # whichever idles least in the worse of the two kernels, at most 12% of either here.
+        candidates = lce_ops.chunk_candidates(fits, wave)
+        assert fits - fits % wave in candidates and fits - fits % 128 in candidates
+        idle = lce_ops.chunk_idle(rows, wave)
+        assert rows in candidates and idle == min(lce_ops.chunk_idle(c, wave) for c in candidates)
+        assert idle < 0.12, (rows, wave, idle)
+    else:  # less than a wave fits: a single partial wave, in whole 128-row matmul tiles
+        assert rows % 128 == 0 and rows < wave
+    if (gpu, precision, V) == ("H100", "bf16", 128256):
+        # Was 1024 rows: 1.29 waves of 792, the second 29% full. One wave 97% full, 6 whole tiles.
+        assert (blocks, wave, rows) == (6, 792, 768)
+    if (gpu, precision, V) == ("H100", "bf16", 32000):
+        assert (wave, rows) == (792, 3960)  # 5 whole waves (4096 was 5.17), 31 tiles of which the last 94% used
+
+
+def test_rows_per_wave_reads_the_backends_compiled_kernel(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def resources(logits, target, grad_scale, label_smoothing, compute_grad, inplace=True):
+        calls.append((logits.shape[1], logits.dtype, tuple(grad_scale.shape), label_smoothing, compute_grad, inplace))
+        return 40, 1056, 8
+
+    package = types.ModuleType("fake_backend")
+    module = types.ModuleType("fake_backend.cross_entropy")
+    module.cross_entropy_fwd_resources = resources
+    monkeypatch.setitem(sys.modules, "fake_backend", package)
+    monkeypatch.setitem(sys.modules, "fake_backend.cross_entropy", module)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _props("sm_90", 132))
+    lce_ops._rows_per_wave.cache_clear()
+    try:
+        # What rows_per_wave does for a CUDA device, with the stand-in tensors on the CPU.
+        wave = lce_ops._rows_per_wave(package.__name__, torch.bfloat16, 50257, torch.device("cpu"), True, True, True)
+        assert lce_ops._rows_per_wave(package.__name__, torch.bfloat16, 50257, torch.device("cpu"), True, True,
+                                      True) == wave  # compiled once per (backend, dtype, V, device, variant)
+    finally:
+        lce_ops._rows_per_wave.cache_clear()
+    assert wave == 132 * 6  # 40 registers x 8 warps: 6 blocks per SM
+    assert calls == [(50257, torch.bfloat16, (2,), 0.1, True, True)]
+    # Off CUDA devices, and for a backend without the query (the reference), chunks keep the budget's size.
+    assert lce_ops.rows_per_wave(package, torch.bfloat16, 50257, torch.device("cpu"), 0.0, True, False) is None
+    from fastdl.backends import reference
+    assert lce_ops._rows_per_wave(reference.__name__, torch.float32, 7, torch.device("cuda", 0), False, True,
+                                  False) is None
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_wave_sized_chunks_give_the_same_results(reduction, monkeypatch):
+    # Chunks of whole waves (6 rows a wave here, 18-row chunks from a 20-row budget) through the
+    # CPU path: the same loss and gradients against the reference.
+    monkeypatch.setattr(lce_ops, "rows_per_wave", lambda *args: 6)
+    monkeypatch.setattr(lce_ops, "CHUNK_BYTES", 20 * 53 * 4)
+    assert lce_ops.chunk_rows(37, 53, 4, torch.device("cpu"), 6) == 18
+    chunks = []
+    original = lce_ops.chunk_rows
+    monkeypatch.setattr(lce_ops, "chunk_rows", lambda *args: chunks.append(original(*args)) or chunks[-1])
+    monkeypatch.delenv(lce_ops.CHUNK_ROWS_ENV, raising=False)
+    run_linear_cross_entropy("triton", torch.float32, (37, 29, 53, None), reduction, monkeypatch)
+    assert chunks and set(chunks) == {18}
 
 
 # --- GPU -------------------------------------------------------------------------------------------

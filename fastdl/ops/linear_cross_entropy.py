@@ -28,6 +28,8 @@ nothing.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from typing import Optional
 
@@ -46,10 +48,82 @@ from fastdl.ops.cross_entropy import acc_dtype, reduce_rows, reduction_scale, sc
 CHUNK_BYTES = 256 * 2**20
 # Forces a chunk size (rows); tests use it to run several chunks on small shapes.
 CHUNK_ROWS_ENV = "FASTDL_LINEAR_CE_CHUNK_ROWS"
+# The row tile the chunk's matmuls are counted in (their autotuned BLOCK_M is 64, 128 or 256).
+MATMUL_TILE_ROWS = 128
+# Per-SM limits torch's device properties do not give: resident blocks (32 on sm_80 / sm_90 /
+# sm_100, 16 on sm_86 / sm_87, 24 on sm_89; 16 assumed elsewhere), the shared memory the CUDA
+# runtime reserves per resident block (1 KB since sm_80), and the unit registers are allocated in
+# per warp (256). fastdl.inspection.sass.occupancy uses the same numbers for sm_80 / sm_90
+# (tests/test_linear_cross_entropy.py checks the two agree).
+MAX_BLOCKS_PER_SM = {(8, 0): 32, (8, 6): 16, (8, 7): 16, (8, 9): 24, (9, 0): 32, (10, 0): 32}
+RESERVED_SHARED_PER_BLOCK = 1024
+REGISTER_UNIT = 256
 
 
-def chunk_rows(rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
-    """Rows per linear_cross_entropy chunk: the logits of a chunk fit the budget, at least 1 row."""
+def resident_blocks(registers: int, shared: int, warps: int, props) -> int:
+    """Blocks of a kernel (registers per thread, shared memory bytes and warps per block) one SM
+    holds at once on a device with torch.cuda.get_device_properties `props`."""
+    per_warp = -(-max(registers, 1) * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    limits = (
+        props.regs_per_multiprocessor // per_warp // warps,
+        props.shared_memory_per_multiprocessor // (shared + RESERVED_SHARED_PER_BLOCK),
+        props.max_threads_per_multi_processor // (32 * warps),
+        MAX_BLOCKS_PER_SM.get((props.major, props.minor), 16),
+    )
+    return max(0, min(limits))
+
+
+def rows_per_wave(launchers, dtype: torch.dtype, vocab: int, device: torch.device, label_smoothing: float,
+                  compute_grad: bool, per_row_scale: bool) -> Optional[int]:
+    """Rows of one wave of the cross-entropy kernel a chunk launches (one program or block per
+    row): SMs x its resident blocks per SM, from the compiled kernel's registers and shared memory
+    (the backend's cross_entropy_fwd_resources: Triton's compiled kernel, CUDA's function
+    attributes). None off CUDA devices, or for a backend that cannot tell (chunks then keep the
+    budget's size)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _rows_per_wave(launchers.__name__, dtype, vocab, torch.device("cuda", index), label_smoothing > 0.0,
+                          bool(compute_grad), bool(per_row_scale))
+
+
+@functools.cache
+def _rows_per_wave(backend_module: str, dtype, vocab, device, smoothing, compute_grad, per_row_scale):
+    try:  # the op's launcher module of a backend package (fastdl/backends/<name>/cross_entropy.py)
+        module = importlib.import_module(f"{backend_module}.cross_entropy")
+    except ImportError:
+        return None
+    resources = getattr(module, "cross_entropy_fwd_resources", None)
+    if resources is None:
+        return None
+    # Stand-ins with the chunk's dtypes, row stride (vocab) and alignment: two rows are enough.
+    acc = acc_dtype(dtype)
+    logits = torch.empty((2, vocab), dtype=dtype, device=device)
+    target = torch.zeros((2,), dtype=torch.int64, device=device)
+    grad_scale = torch.ones((2,) if per_row_scale else (), dtype=acc, device=device)
+    registers, shared, warps = resources(logits, target, grad_scale, 0.1 if smoothing else 0.0, compute_grad,
+                                         inplace=True)
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count * resident_blocks(registers, shared, warps, props) or None
+
+
+def _idle(rows: int, unit: int) -> float:
+    """The fraction of slots left idle when `rows` run in whole units of `unit` rows."""
+    return 1.0 - rows / (-(-rows // unit) * unit)
+
+
+def chunk_rows(rows: int, vocab: int, itemsize: int, device: torch.device, wave_rows: Optional[int] = None) -> int:
+    """Rows per linear_cross_entropy chunk: the logits of a chunk fit the budget, at least 1 row.
+
+    With wave_rows (rows_per_wave: on a GPU) and at least one wave within the budget, the chunk
+    is sized in waves of the cross-entropy kernel: 1024 rows at V = 128256 in bf16 were 1.29
+    waves of 792 rows on an H100 (132 SMs x 6 blocks), the second wave 29% full. Of the most
+    whole waves that fit, those waves cut down to whole 128-row tiles, and the most whole tiles
+    (chunk_candidates), the one whose worse kernel idles least (chunk_idle: the cross-entropy
+    kernel's last wave, or the last row tile of the chunk's three matmuls, which take most of a
+    chunk's time), the largest on a tie. At V = 128256 in bf16 on an H100: 768 rows (6 tiles, one
+    wave 97% full), not 792 (one full wave, but 6.2 tiles: a 7th tile 19% used in every matmul).
+    Without waves (and on CPU): whole 128-row tiles, as before."""
     forced = os.environ.get(CHUNK_ROWS_ENV)
     if forced:
         return max(1, int(forced))
@@ -58,9 +132,24 @@ def chunk_rows(rows: int, vocab: int, itemsize: int, device: torch.device) -> in
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 8)
     n = budget // max(1, vocab * itemsize)
-    if n >= 256:
-        n -= n % 128  # whole 128-row tiles for the matmuls
+    if wave_rows and n >= wave_rows:
+        n = min(chunk_candidates(n, wave_rows), key=lambda c: (chunk_idle(c, wave_rows), -c))
+    elif n >= 2 * MATMUL_TILE_ROWS:
+        n -= n % MATMUL_TILE_ROWS  # whole row tiles for the matmuls
     return int(max(1, min(rows, n)))
+
+
+def chunk_candidates(n: int, wave_rows: int) -> tuple[int, ...]:
+    """Chunk sizes chunk_rows weighs when n rows fit the budget: the most whole waves, those cut
+    down to whole matmul tiles, and the most whole tiles (the size before waves counted)."""
+    waves = n - n % wave_rows
+    return tuple(c for c in (waves, waves - waves % MATMUL_TILE_ROWS, n - n % MATMUL_TILE_ROWS) if c > 0)
+
+
+def chunk_idle(rows: int, wave_rows: int) -> float:
+    """The worse idle fraction of a chunk of `rows`: in the cross-entropy kernel's last wave, or in
+    the last row tile of its matmuls."""
+    return max(_idle(rows, wave_rows), _idle(rows, MATMUL_TILE_ROWS))
 
 
 def _chunked(launchers, input, weight, bias, target, ignore_index, label_smoothing, grad_scale, per_row_scale,
@@ -85,7 +174,9 @@ def _chunked(launchers, input, weight, bias, target, ignore_index, label_smoothi
     no_saved = input.new_empty((0, 0))
     # The budget counts what a chunk really holds per logit: the logits' own bytes on the GPU
     # backends, the float64 temporaries on the reference backend (its LINEAR_CE_BYTES_PER_LOGIT).
-    step = chunk_rows(R, V, getattr(launchers, "LINEAR_CE_BYTES_PER_LOGIT", input.element_size()), device)
+    wave = None if os.environ.get(CHUNK_ROWS_ENV) else rows_per_wave(
+        launchers, input.dtype, V, device, label_smoothing, compute_grad, per_row_scale)
+    step = chunk_rows(R, V, getattr(launchers, "LINEAR_CE_BYTES_PER_LOGIT", input.element_size()), device, wave)
     for start in range(0, R, step):
         end = min(R, start + step)
         x = input[start:end]

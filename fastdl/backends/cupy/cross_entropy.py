@@ -62,6 +62,17 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
     return loss_rows, grad
 
 
+def cross_entropy_fwd_resources(logits, target, grad_scale, label_smoothing, compute_grad, inplace=True):
+    """(registers, static shared memory bytes, warps) of the cross_entropy_fwd<T> a cross_entropy_fwd
+    call on logits like these launches, from the CUDA function's attributes as this device compiled
+    it (one instantiation per type: the other arguments do not change the binary). What
+    linear_cross_entropy sizes its chunks in whole waves by. CUDA tensors only."""
+    device = logits.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = rt._function("cross_entropy", index, f"cross_entropy_fwd<{rt.CUDA_TYPES[logits.dtype]}>")
+    return int(fn.num_regs), int(fn.shared_size_bytes), row_threads(logits.shape[1]) // 32
+
+
 def cross_entropy_bwd(grad_logits, scale, out):
     """out[r, :] = grad_logits[r, :] * scale (shape ()) or scale[r] (shape (R,)); returns out.
 
