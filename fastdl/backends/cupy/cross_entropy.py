@@ -70,7 +70,8 @@ def cross_entropy_fwd_resources(logits, target, grad_scale, label_smoothing, com
     device = logits.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = rt._function("cross_entropy", index, f"cross_entropy_fwd<{rt.CUDA_TYPES[logits.dtype]}>")
-    return int(fn.num_regs), int(fn.shared_size_bytes), row_threads(logits.shape[1]) // 32
+    with rt._cupy().cuda.Device(index):  # RawKernel's attributes are those of the current device
+        return int(fn.num_regs), int(fn.shared_size_bytes), row_threads(logits.shape[1]) // 32
 
 
 def cross_entropy_bwd(grad_logits, scale, out):
