@@ -227,11 +227,11 @@ def test_chunks_are_whole_waves_of_the_row_kernel(compiled_row_kernels, monkeypa
         assert idle < 0.12, (rows, wave, idle)
     else:  # less than a wave fits: a single partial wave, in whole 128-row matmul tiles
         assert rows % 128 == 0 and rows < wave
-    if (gpu, precision, V) == ("H100", "bf16", 128256):
-        # Was 1024 rows: 1.29 waves of 792, the second 29% full. One wave 97% full, 6 whole tiles.
-        assert (blocks, wave, rows) == (6, 792, 768)
-    if (gpu, precision, V) == ("H100", "bf16", 32000):
-        assert (wave, rows) == (792, 3960)  # 5 whole waves (4096 was 5.17), 31 tiles of which the last 94% used
+    if (gpu, precision) == ("H100", "bf16"):
+        # 32 registers, 8 blocks of 8 warps per SM: 1056 rows a wave. V = 32000: 3 whole waves
+        # (4096 rows were 3.88); V = 128256: less than a wave fits, 1024 rows fill 97% of one.
+        assert (blocks, wave) == (8, 1056)
+        assert rows == {32000: 3168, 50257: 2112, 128256: 1024}[V]
 
 
 def test_rows_per_wave_reads_the_backends_compiled_kernel(monkeypatch):

@@ -116,13 +116,15 @@ def chunk_rows(rows: int, vocab: int, itemsize: int, device: torch.device, wave_
     """Rows per linear_cross_entropy chunk: the logits of a chunk fit the budget, at least 1 row.
 
     With wave_rows (rows_per_wave: on a GPU) and at least one wave within the budget, the chunk
-    is sized in waves of the cross-entropy kernel: 1024 rows at V = 128256 in bf16 were 1.29
-    waves of 792 rows on an H100 (132 SMs x 6 blocks), the second wave 29% full. Of the most
-    whole waves that fit, those waves cut down to whole 128-row tiles, and the most whole tiles
+    is sized in waves of the cross-entropy kernel (one program per row): of the most whole waves
+    that fit, those waves cut down to whole 128-row tiles, and the most whole tiles
     (chunk_candidates), the one whose worse kernel idles least (chunk_idle: the cross-entropy
     kernel's last wave, or the last row tile of the chunk's three matmuls, which take most of a
-    chunk's time), the largest on a tie. At V = 128256 in bf16 on an H100: 768 rows (6 tiles, one
-    wave 97% full), not 792 (one full wave, but 6.2 tiles: a 7th tile 19% used in every matmul).
+    chunk's time), the largest on a tie. H100, bf16, 8 blocks/SM (1056 rows a wave): V = 32000
+    takes 3168 rows (3 waves; 4096 was 3.88), V = 50257 2112 (2 waves; 2560 was 2.42); at
+    V = 128256 less than a wave fits the budget and 1024 rows fill 97% of one (with the kernel's
+    earlier 6 blocks/SM they were 1.29 waves, the second 29% full). Whole waves alone could cost
+    more than they save: 792 rows would be 6.2 row tiles, a 7th tile 19% used in every matmul.
     Without waves (and on CPU): whole 128-row tiles, as before."""
     forced = os.environ.get(CHUNK_ROWS_ENV)
     if forced:

@@ -36,9 +36,14 @@ bytes; and its ragged ends, a head before that boundary and a tail of fewer than
 as one masked block of 2 * VEC. The launcher promises the alignment (VEC > 1) or asks for the
 element-wise sweep (VEC = 1: any strides, a base off the 16-byte grid).
 
-Row offsets are int64: rows * C may pass 2**31 (8192 x 262144 already does). Column indices
-are int32 on the aligned path (a row has fewer than 2**31 columns) and int64 where a column
-stride multiplies them.
+Row offsets are int64: rows * C may pass 2**31 (8192 x 262144 already does). On the aligned
+path a block's columns are int32 (start + offs, added in int64 and narrowed: the same
+instructions once compiled), added to the body's pointer and compared with int32 scalars:
+per-element int64 index arithmetic cost 8 registers, and a plain int32 addition is checked for
+overflow element by element in the kernel's debug mode (kept for its device assert: more
+__assertfail call sites, and instructions in the hot loops). Integer arithmetic is int64
+elsewhere. Sweep 2 multiplies by 1 / s instead of dividing by s per element (the division is a
+subroutine: fp64 with class weights spilled).
 
 Also here: _scale_rows, the backward (out of place). linear_cross_entropy's in-place
 grad_weight += grad.T @ x is _linear_grad_weight_accumulate in kernels/triton/linear.py.
@@ -80,8 +85,7 @@ def _row_split(row_off, C, VEC: tl.constexpr, RAGGED: tl.constexpr):
     lead, n_body): the body is the row's columns [lead, lead + n_body), from element body_off of
     the base on, and body_off and n_body are multiples of VEC (body_off on a 16-byte boundary);
     the head [0, min(lead, C)) and the tail [lead + n_body, C) have fewer than VEC columns each.
-    n_body is int32 when VEC > 1 (int32 column indices keep the sweeps' registers at the level of
-    rows whose length is a multiple of 16); lead is int64 (it multiplies strides), or 0.
+    All int64.
 
     Both are computed as (.. // VEC) * VEC, which the compiler's alignment analysis reads as a
     multiple of VEC by itself (a tl.multiple_of hint on an offset can be lost when the
@@ -89,11 +93,11 @@ def _row_split(row_off, C, VEC: tl.constexpr, RAGGED: tl.constexpr):
     if RAGGED:
         body_off = (row_off + (VEC - 1)) // VEC * VEC
         lead = body_off - row_off
-        n_body = (tl.maximum(C - lead, 0) // VEC * VEC).to(tl.int32)
+        n_body = tl.maximum(C - lead, 0) // VEC * VEC
     else:  # every row starts on a boundary and C % VEC == 0 (the launcher checked): all body
         body_off = row_off // VEC * VEC  # == row_off
-        lead = 0
-        n_body = C // VEC * VEC  # == C
+        lead = row_off * 0  # an int64 0: arithmetic with it stays int64 (see the module docstring)
+        n_body = tl.cast(C, tl.int64) // VEC * VEC  # == C
     if VEC > 1:
         body_off = tl.multiple_of(body_off, VEC)
         n_body = tl.multiple_of(n_body, VEC)
@@ -105,10 +109,40 @@ def _same_phase(body_off, row, stride_r, stride_ref, VEC: tl.constexpr):
     """The body's first element in another (R, C) tensor whose rows (stride_r) are on the same
     16-byte phase as the split tensor's (stride_ref; the launcher checked stride_r - stride_ref is
     a multiple of VEC): row * stride_r + lead, written as a visible multiple of VEC."""
-    off = body_off + row * ((stride_r - stride_ref) // VEC * VEC)
+    off = body_off + (row * stride_r - row * stride_ref) // VEC * VEC  # int64 (row is)
     if VEC > 1:
         off = tl.multiple_of(off, VEC)
     return off
+
+
+@triton.jit
+def _narrow(value, VEC: tl.constexpr):
+    """An int64 column count or index of a row (magnitude below C < 2**31) as the aligned path's
+    int32 columns compare with it. Narrowing keeps the multiple of VEC the compiler sees in
+    n_body, so the body's mask stays constant over each 16-byte group."""
+    if VEC > 1:
+        value = tl.cast(value, tl.int32)
+    return value
+
+
+@triton.jit
+def _columns(start, offs, VEC: tl.constexpr):
+    """The columns of the block at `start`: start + offs, in int32 on the aligned path, added in
+    int64 and narrowed (the same instructions once compiled), so that the kernel's debug mode does
+    not check an int32 addition for overflow element by element (see the module docstring)."""
+    if VEC > 1:
+        return tl.cast(tl.cast(start, tl.int64) + offs.to(tl.int64), tl.int32)
+    return start + offs
+
+
+@triton.jit
+def _at(body_ptr, cols, stride, VEC: tl.constexpr):
+    """Pointers to a body's columns: unit stride on the aligned path (the launcher's promise), so
+    the int32 columns are added as they are (pointer arithmetic is not overflow-checked); int64
+    products otherwise."""
+    if VEC > 1:
+        return body_ptr + cols
+    return body_ptr + cols * stride
 
 
 @triton.jit
@@ -121,7 +155,7 @@ def _online_softmax_step(x, m, s):
 
 
 @triton.jit
-def _grad_block(x, mask, cols, t_base, w_base, stride_tc, stride_w, target, ignored, w_target, b, s,
+def _grad_block(x, mask, cols, t_base, w_base, stride_tc, stride_w, target, ignored, w_target, b, inv_s,
                 shift, scale, eps, eps_per_class,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
                 ACC_DTYPE: tl.constexpr):
@@ -143,7 +177,7 @@ def _grad_block(x, mask, cols, t_base, w_base, stride_tc, stride_w, target, igno
                 w = tl.load(w_base + cols.to(tl.int64) * stride_w, mask=mask, other=0.0).to(ACC_DTYPE)
             row_sum += tl.sum(w * x_shifted, axis=0)
             t_dist += tl.where(ignored, 0.0, eps_per_class * w)
-    probs = tl.where(mask, tl.exp(x_shifted) / s, 0.0)
+    probs = tl.where(mask, tl.exp(x_shifted) * inv_s, 0.0)
     return (probs * b - t_dist) * scale, row_sum
 
 
@@ -173,8 +207,9 @@ def _cross_entropy_fwd(
     lane. Without these a row of 50257 elements (GPT-2) lost every 128-bit access.
     """
     row = tl.program_id(0).to(tl.int64)
-    # Column indices: int32 on the aligned path (unit column strides, C < 2**31); int64 where a
-    # column stride may make cols * stride pass 2**31 (column-major logits).
+    # A block's columns, from its block pointers: int32 on the aligned path (unit column strides;
+    # see the module docstring), int64 where a column stride multiplies them (column-major logits
+    # may make cols * stride pass 2**31).
     offs = tl.arange(0, BLOCK_C)
     if VEC == 1:
         offs = offs.to(tl.int64)
@@ -216,10 +251,11 @@ def _cross_entropy_fwd(
     m = tl.full((), float("-inf"), ACC_DTYPE)
     s = tl.zeros((), ACC_DTYPE)
     b = tl.zeros((), ACC_DTYPE)  # B = sum_c T_c, summed in sweep 1 for probability targets
-    for start in range(0, n_body, BLOCK_C):
-        cols = start + offs
-        mask = cols < n_body
-        x = tl.load(x_body + cols * stride_lc, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+    n_cols = _narrow(n_body, VEC)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = _columns(start, offs, VEC)
+        mask = cols < n_cols
+        x = tl.load(_at(x_body, cols, stride_lc, VEC), mask=mask, other=float("-inf")).to(ACC_DTYPE)
         m, s = _online_softmax_step(x, m, s)
         if PROB_TARGET:
             b += tl.sum(_probability_target(t_body, w_body, cols, mask, stride_tc, stride_w, eps, eps_per_class,
@@ -227,14 +263,9 @@ def _cross_entropy_fwd(
     # The ragged ends as one block of 2 * VEC, in columns counted from the body's first: the head's
     # r - lead < 0 for r < lead, then the tail's from n_body. Swept after the body here and before
     # it in sweep 2, so these indices are live across neither loop.
-    rag = tl.arange(0, 2 * VEC)
-    lead_c = lead  # lead < VEC (or 0): int32 like the columns
-    if VEC > 1:
-        lead_c = lead_c.to(tl.int32)
-    else:
-        rag = rag.to(tl.int64)
-    rag_cols = tl.where(rag < lead_c, rag, rag + n_body) - lead_c
-    rag_mask = rag_cols < C - lead_c
+    rag = tl.arange(0, 2 * VEC).to(tl.int64)
+    rag_cols = tl.where(rag < lead, rag, rag + n_body) - lead
+    rag_mask = rag_cols < C - lead
     if RAGGED:
         x_rag = tl.load(x_body + rag_cols * stride_lc, mask=rag_mask, other=float("-inf")).to(ACC_DTYPE)
         m, s = _online_softmax_step(x_rag, m, s)
@@ -243,6 +274,9 @@ def _cross_entropy_fwd(
                                             eps_per_class, HAS_WEIGHT, SMOOTHING, ACC_DTYPE), axis=0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(s)
+    # Sweep 2 multiplies by 1 / s: a division per element was a division subroutine per element
+    # (fp64: it pushed cross_entropy_fwd with class weights into spills on sm_90).
+    inv_s = 1.0 / s
 
     scale = tl.load(grad_scale_ptr + row * stride_scale).to(ACC_DTYPE)
     w_target = tl.full((), 1.0, ACC_DTYPE)
@@ -261,8 +295,6 @@ def _cross_entropy_fwd(
 
     row_sum = tl.zeros((), ACC_DTYPE)  # sum_c T_c (x_c - m), or sum_c w_c (x_c - m) for smoothing
     target_in_body = target - lead  # the target's column counted from the body's first
-    if VEC > 1:
-        target_in_body = target_in_body.to(tl.int32)  # in (-VEC, C): compared with int32 columns
     if COMPUTE_GRAD or PROB_TARGET or SMOOTHING:
         if COMPUTE_GRAD:
             # Small blocks may be replicated across warps, whose reductions need no barrier: make
@@ -271,21 +303,22 @@ def _cross_entropy_fwd(
         if RAGGED:
             x_rag = tl.load(x_body + rag_cols * stride_lc, mask=rag_mask, other=0.0).to(ACC_DTYPE)
             grad_rag, part = _grad_block(x_rag, rag_mask, rag_cols, t_body, w_body, stride_tc, stride_w,
-                                         target_in_body, ignored, w_target, b, s, shift, scale, eps, eps_per_class,
+                                         target_in_body, ignored, w_target, b, inv_s, shift, scale, eps, eps_per_class,
                                          PROB_TARGET, HAS_WEIGHT, SMOOTHING, ACC_DTYPE)
             row_sum += part
             if COMPUTE_GRAD:
                 tl.store(g_body + rag_cols * stride_gc, grad_rag.to(grad_ptr.dtype.element_ty), mask=rag_mask)
-        for start in range(0, n_body, BLOCK_C):
-            cols = start + offs
-            mask = cols < n_body
-            x = tl.load(x_body + cols * stride_lc, mask=mask, other=0.0).to(ACC_DTYPE)
-            grad, part = _grad_block(x, mask, cols, t_body, w_body, stride_tc, stride_w,
-                                     target_in_body, ignored, w_target, b, s, shift, scale, eps, eps_per_class,
+        target_col = _narrow(target_in_body, VEC)
+        for start in range(0, n_cols, BLOCK_C):
+            cols = _columns(start, offs, VEC)
+            mask = cols < n_cols
+            x = tl.load(_at(x_body, cols, stride_lc, VEC), mask=mask, other=0.0).to(ACC_DTYPE)
+            grad, part = _grad_block(x, mask, cols, t_body, w_body, stride_tc, stride_w, target_col, ignored,
+                                     w_target, b, inv_s, shift, scale, eps, eps_per_class,
                                      PROB_TARGET, HAS_WEIGHT, SMOOTHING, ACC_DTYPE)
             row_sum += part
             if COMPUTE_GRAD:
-                tl.store(g_body + cols * stride_gc, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                tl.store(_at(g_body, cols, stride_gc, VEC), grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
     if PROB_TARGET:
         loss = b * log_s - row_sum
