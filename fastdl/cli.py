@@ -23,8 +23,15 @@ def main(argv: list[str] | None = None) -> int:
                          help="target (native: this machine's CUDA device)")
     inspect.add_argument("--op", action="append", help="only this op (repeatable; default: all)")
     inspect.add_argument("--json", help="also write the rows to this JSON file")
-    inspect.add_argument("--configs", choices=("all", "default"), default="all",
-                         help="every autotune config, or only the first (default) one")
+    inspect.add_argument("--configs", choices=("all", "default", "sample"), default="all",
+                         help="every config the autotuner can pick for each variant (its kernel's list for "
+                              "that precision and epilogue), only the first (default) one, or the default "
+                              "one plus, per matmul kernel and config list, its biggest tile in its "
+                              "heaviest-epilogue variant (CI)")
+    inspect.add_argument("--fail-on", default="compile", metavar="KIND[:triton|cuda],...",
+                         help="exit 1 when a row has one of these findings (default: compile); kinds: "
+                              "compile, spills, shared-memory, no-tensor-cores, no-128-bit, narrow-async, "
+                              "under-one-wave; ':triton' or ':cuda' limits a kind to those kernels")
     inspect.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
     inspect.add_argument("--traffic", action="store_true",
                          help="instead: compulsory memory traffic per op against torch eager's and the floor")
@@ -73,16 +80,28 @@ def _inspect(args) -> int:
     from fastdl.inspection import inspect as _run_inspect
     from fastdl.inspection import report
 
+    try:
+        fail_on = report.parse_fail_on(args.fail_on)
+    except ValueError as exc:
+        print(f"fastdl inspect: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     result = _run_inspect([arch], args.op, args.configs, args.jobs)
     rows = result["rows"]
     print(report.format_report(rows))
-    print(f"{result['variants']} Triton variants from {result['launches']} launches; capture {result['capture_s']:.1f} s, "
-          f"compile and read {result['compile_s']:.1f} s, total {time.perf_counter() - start:.1f} s")
+    print(f"{result['variants']} Triton variants from {result['launches']} launches, {result['pickable']} pickable "
+          f"(variant, config) pairs ({result['pruned']} pruned by the kernels' config lists); capture "
+          f"{result['capture_s']:.1f} s, compile and read {result['compile_s']:.1f} s, "
+          f"total {time.perf_counter() - start:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dict(r, findings=report.findings(r)) for r in rows], f, indent=1)
-    return 1 if any(r.get("error") for r in rows) else 0
+    failed = report.failures(rows, fail_on)
+    if failed:
+        print(f"\nfastdl inspect --fail-on {args.fail_on}: {len(failed)} failures", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in failed), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,11 +13,15 @@ Method.
    (create_function_from_signature on the CUDA backend: pointers 16-byte aligned and ints
    divisible by 16 get tt.divisibility=16, an int equal to 1 becomes a constexpr, i32 or i64 by
    value) and JITFunction._pack_args. Launches with the same specialization are one variant.
-3. Compile every variant with every autotune config (the kernel modules are imported without
-   TRITON_INTERPRET, so the config lists are whole) through triton.compile(ASTSource(...),
+3. Compile every variant with every autotune config the autotuner can pick for it: the kernel's
+   early_config_prune applied to the variant's arguments, as Autotuner.run applies it (the matmuls
+   pick from one list per precision and epilogue; `--configs all` compiles the pickable ones and
+   reports how many the lists pruned, `default` the first of each, `sample` the first plus each
+   list's biggest tile in its heaviest-epilogue variant), through triton.compile(ASTSource(...),
    target=GPUTarget("cuda", 80 or 90, 32)); triton picks its bundled ptxas-blackwell for sm_90.
    The CUDA sources are compiled by NVRTC to cubins with the cupy backend's instantiations.
-   A compile failure is a failure of `fastdl inspect` (exit status 1).
+   A compile failure is a failure of `fastdl inspect` (exit status 1); `--fail-on` names more
+   findings that fail it (CI: spills, shared memory and missing tensor cores in Triton kernels).
 4. Read each cubin with cuobjdump from Triton's wheel (sass.py): registers, local memory per
    thread (spills), static + dynamic shared memory, SASS counts (HGMMA/HMMA/DMMA; LDGSTS, TMA;
    global loads and stores by width; assert calls), and occupancy from the per-SM limits (H100/H200

@@ -47,7 +47,7 @@ class Launch:
     kernel: object                 # the Autotuner or JITFunction launched
     args: tuple                    # positional arguments, tensors as Pointer
     kwargs: dict                   # constexprs and options given at the call
-    grids: list[tuple[int, ...]]   # per config (one entry for a kernel without autotuning)
+    grids: list[tuple[int, ...]]   # per pickable config (one entry for a kernel without autotuning)
     case: str
 
 
@@ -59,11 +59,18 @@ class Variant:
     kernel: object
     args: tuple
     kwargs: dict
-    cases: list[tuple[str, list[tuple[int, ...]]]] = field(default_factory=list)  # (case, grid per config)
+    cases: list[tuple[str, list[tuple[int, ...]]]] = field(default_factory=list)  # (case, grid per pickable config)
 
     @property
     def configs(self) -> list:
-        return list(getattr(self.kernel, "configs", [None]))
+        """The configs the autotuner can pick for this variant's launches (its early_config_prune
+        applied to its arguments); [None] for a kernel without autotuning."""
+        return pickable_configs(self.kernel, self.args, self.kwargs)
+
+    @property
+    def all_configs(self) -> list:
+        """The kernel's whole config list, before pruning."""
+        return list(getattr(self.kernel, "configs", None) or [None])
 
     @property
     def jit_function(self):
@@ -75,6 +82,19 @@ def jit_function(kernel):
     from triton.runtime.autotuner import Autotuner
 
     return kernel.fn if isinstance(kernel, Autotuner) else kernel
+
+
+def pickable_configs(kernel, args: tuple, kwargs: dict) -> list:
+    """What the autotuner may pick for a launch with these arguments: Autotuner.prune_configs's
+    early_config_prune over the kernel's configs, called as Autotuner.run calls it (the positional
+    arguments by name, the keyword arguments as they are)."""
+    configs = getattr(kernel, "configs", None)
+    if not configs:
+        return [None]
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is None or len(configs) == 1:  # Autotuner.run prunes only a list of more than one
+        return list(configs)
+    return list(prune(list(configs), dict(zip(jit_function(kernel).arg_names, args)), **kwargs))
 
 
 def kernel_name(kernel) -> str:
@@ -104,12 +124,11 @@ class _Interceptor:
             def __getitem__(self, grid):
                 def record(*args, **kwargs):
                     meta = {**dict(zip(jit_function(kernel).arg_names, args)), **kwargs}
-                    configs = getattr(kernel, "configs", None)
-                    grids = ([_grid_size(grid, {**meta, **c.kwargs}) for c in configs] if configs
-                             else [_grid_size(grid, meta)])
-                    interceptor.launches.append(Launch(kernel, tuple(_stand_in(a) for a in args),
-                                                       {k: _stand_in(v) for k, v in kwargs.items()},
-                                                       grids, interceptor._case_of()))
+                    stand_ins = tuple(_stand_in(a) for a in args)
+                    kw = {k: _stand_in(v) for k, v in kwargs.items()}
+                    configs = pickable_configs(kernel, stand_ins, kw)
+                    grids = [_grid_size(grid, {**meta, **(c.kwargs if c is not None else {})}) for c in configs]
+                    interceptor.launches.append(Launch(kernel, stand_ins, kw, grids, interceptor._case_of()))
                 return record
 
         return _Grid()

@@ -4,7 +4,7 @@ named GPU target, and read the binaries (see fastdl/inspection/__init__.py for t
 Run as a worker, in a process where triton does not interpret (fastdl inspect starts it so):
 
     TRITON_INTERPRET=0 python -m fastdl.inspection.compile --arch sm_90 [--op linear]
-        [--configs all|default] [--jobs N] --out rows.json
+        [--configs all|default|sample] [--jobs N] --out rows.json
 """
 from __future__ import annotations
 
@@ -57,6 +57,60 @@ def compile_variant(variant, config, arch: str):
         "divisible_by_16": [names[path[0]] for path, attr in attrs.items() if attr],
     }
     return compiled, spec
+
+
+# What `--configs sample` compiles besides every variant's default config: for each matmul kernel
+# and config list, the variant with the heaviest epilogue (SAMPLE_ACTIVATIONS order; bf16 over fp16,
+# with bias) with the list's biggest tile (the most accumulator elements per thread, then the most
+# operand bytes in shared memory): where spills and shared memory overflow show first. 23 compiles
+# per target today.
+SAMPLE_ACTIVATIONS = (3, 4, 5, 7, 6, 2, 1, 0)  # gelu, gelu_tanh, silu, tanh, sigmoid, leaky_relu, relu, none
+
+
+def _sample_rank(variant) -> tuple:
+    kw = variant.kwargs
+    code = kw.get("ACTIVATION", 0)
+    dtypes = {str(getattr(a, "dtype", "")) for a in variant.args}
+    return (SAMPLE_ACTIVATIONS.index(code), "torch.bfloat16" not in dtypes, not kw.get("HAS_BIAS", True),
+            not kw.get("ACCUMULATE", True), variant.cases[0][0])
+
+
+def _tile_size(kernel: str, config) -> tuple:
+    from fastdl.kernels.triton import linear as kernels
+
+    a, b, r, warps, stages = kernels.tile_of(config, kernel)
+    return (a * b / (32 * warps), (a + b) * r * stages)
+
+
+def sampled_variants(variants) -> dict:
+    """{variant index: [config index]} that `--configs sample` adds to the default configs."""
+    from fastdl.kernels.triton import linear as kernels
+
+    groups = {}
+    for index, variant in enumerate(variants):
+        if variant.name not in MATMUL_KERNELS or variant.configs == [None]:
+            continue
+        named = dict(zip(variant.jit_function.arg_names, variant.args))
+        key = (variant.name, kernels.config_list_name(variant.name, named, variant.kwargs))
+        if key not in groups or _sample_rank(variant) < _sample_rank(variants[groups[key]]):
+            groups[key] = index
+    out = {}
+    for index in groups.values():
+        variant = variants[index]
+        others = range(1, len(variant.configs))
+        if others:
+            out[index] = [max(others, key=lambda c: _tile_size(variant.name, variant.configs[c]))]
+    return out
+
+
+def config_indices(index: int, variant, configs: str, sampled: dict) -> list[int]:
+    """Indices into variant.configs (the pickable ones) that `--configs all|default|sample` compiles
+    (`sampled`: sampled_variants(...), by variant index)."""
+    if configs == "all":
+        return list(range(len(variant.configs)))
+    if configs == "sample":
+        return [0] + sampled.get(index, [])
+    return [0]
 
 
 def _config_label(config) -> str:
@@ -157,8 +211,9 @@ def run(archs: list[str], ops: list[str] | None = None, configs: str = "all", jo
     launches = capture.capture(ops, cases)
     _VARIANTS = capture.variants(launches, make_backend(_target(archs[0])))
     captured = time.perf_counter()
+    sampled = sampled_variants(_VARIANTS) if configs == "sample" else {}
     tasks = [(i, c, arch) for arch in archs for i, v in enumerate(_VARIANTS)
-             for c in range(len(v.configs) if configs == "all" else 1)]
+             for c in config_indices(i, v, configs, sampled)]
     jobs = jobs or os.cpu_count() or 1
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -169,6 +224,8 @@ def run(archs: list[str], ops: list[str] | None = None, configs: str = "all", jo
         for arch in archs:
             rows += [r for r in cuda_rows(arch) if not ops or r["op"] in ops]
     return {"rows": rows, "variants": len(_VARIANTS), "launches": len(launches),
+            "configs": configs, "pickable": sum(len(v.configs) for v in _VARIANTS),
+            "pruned": sum(len(v.all_configs) - len(v.configs) for v in _VARIANTS),
             "capture_s": captured - start, "compile_s": time.perf_counter() - captured}
 
 
@@ -176,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdl.inspection.compile", description=__doc__)
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), required=True)
     parser.add_argument("--op", action="append")
-    parser.add_argument("--configs", choices=("all", "default"), default="all")
+    parser.add_argument("--configs", choices=("all", "default", "sample"), default="all")
     parser.add_argument("--jobs", type=int)
     parser.add_argument("--case", action="append", help="only cases whose label starts with this")
     parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA sources")

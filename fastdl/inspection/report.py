@@ -66,6 +66,42 @@ def findings(row: dict) -> list[str]:
     return out
 
 
+# The kinds of finding, as `fastdl inspect --fail-on` names them, by the text each finding starts with.
+FINDING_KINDS = {
+    "compile failure": "compile",
+    "spills": "spills",
+    "shared memory over the limit": "shared-memory",
+    "no tensor cores": "no-tensor-cores",
+    "no 128-bit accesses": "no-128-bit",
+    "narrow async copies": "narrow-async",
+    "under one wave": "under-one-wave",
+}
+
+
+def parse_fail_on(spec: str) -> list[tuple[str, str | None]]:
+    """`--fail-on` "compile,spills:triton,..." -> [(kind, row kind or None for every row), ...]."""
+    out = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, scope = item.partition(":")
+        if kind not in FINDING_KINDS.values():
+            raise ValueError(f"--fail-on: unknown finding {kind!r} (one of {', '.join(FINDING_KINDS.values())})")
+        if scope not in ("", "triton", "cuda"):
+            raise ValueError(f"--fail-on: {item!r}: the scope after ':' is triton or cuda")
+        out.append((kind, scope or None))
+    return out
+
+
+def failures(rows: list[dict], fail_on: list[tuple[str, str | None]]) -> list[str]:
+    """One line per (row, finding) that `fail_on` (parse_fail_on's result) makes a failure."""
+    out = []
+    for row in rows:
+        for finding in findings(row):
+            kind = next(k for text, k in FINDING_KINDS.items() if finding.startswith(text))
+            if any(kind == k and scope in (None, row["kind"]) for k, scope in fail_on):
+                out.append(f"{row['arch']} {row['kernel']} [{row['case']}] {row['config']}: {finding}")
+    return out
+
+
 def table(rows: list[dict]) -> str:
     header = "  ".join(h.ljust(w) for h, w, _ in COLUMNS)
     lines = [header, "-" * len(header)]

@@ -30,31 +30,166 @@ def first_config_only() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("FASTDL_AUTOTUNE", "1") == "0"
 
 
-def matmul_configs(reduction_block: str = "BLOCK_K", every: bool = False):
-    """Tile shapes for the three matmuls; the first is the one kept when autotuning is off (every=True:
-    all of them regardless, for the tests that run each config's block sizes under the interpreter)."""
-    shapes = [
-        # (BLOCK_M|N, BLOCK_N|K, reduction block, warps, stages)
-        (64, 64, 32, 4, 3),
-        (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-        (64, 64, 64, 4, 4),
-    ]
-    if first_config_only() and not every:
-        shapes = shapes[:1]
+# --- autotune config lists -------------------------------------------------------------------------
+#
+# A tile is (outer0, outer1, reduction block, warps, stages): the output tile is outer0 x outer1,
+# (BLOCK_M, BLOCK_N) in the forward, (BLOCK_M, BLOCK_K) in grad_input and (BLOCK_N, BLOCK_K) in
+# grad_weight, and the loop steps over the reduction block (BLOCK_K, BLOCK_N, BLOCK_M).
+#
+# Each launch may pick only from the list of its kernel, precision and epilogue (early_config_prune
+# below). The lists are one for both targets (the prune makes no device query): every tile fits the
+# A100's 163 KB of shared memory per block (the H100's is 227 KB), and on sm_90 no pickable config
+# spills registers (`fastdl inspect --arch sm_90 --configs all`: 0 of 825 pairs). On sm_80, where
+# mma.sync keeps the operands in registers, 92 of the 825 still spill (8 B to 1.2 KB, mostly the
+# backward kernels' 128-wide tiles with an activation): lists per capability are the next step.
+# The numbers in the comments are spills per thread from those runs.
+# The first tile of a list is its default: what runs under the interpreter and with
+# FASTDL_AUTOTUNE=0.
+HEAVY_EPILOGUES = (3, 4, 5, 6, 7)  # gelu, gelu_tanh, silu, sigmoid, tanh: transcendental math per element
+
+KERNELS = {  # kernel name -> (its reduction block, the pointer whose dtype the dot's operands have)
+    "linear_fwd": ("BLOCK_K", "x_ptr"),
+    "linear_bwd_input": ("BLOCK_N", "w_ptr"),
+    "linear_bwd_weight": ("BLOCK_M", "x_ptr"),
+    "linear_grad_weight_accumulate": ("BLOCK_M", "x_ptr"),
+}
+
+def _without(tiles, *dropped):
+    return tuple(t for t in tiles if t not in dropped)
+
+
+# (regs / spill: sm_90 unless named; "spills" is any local memory per thread.)
+_16 = ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+       (256, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4))
+_TF32 = ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+         (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 64, 32, 8, 3))
+# fp64 (DMMA): 64x64 tiles with 4 warps spill without bias (8-16 B) and with gelu_tanh (432 B).
+_FP64 = ((64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (32, 32, 32, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3))
+# The fp64 GELU derivative (erf and exp in double) needs reduction blocks of 16: 64x64x32 spills 2 KB.
+_FP64_HEAVY_BWD = ((32, 32, 16, 4, 3), (32, 32, 16, 8, 3), (64, 32, 16, 8, 3), (32, 64, 16, 8, 3))
+
+# The forward's lists; KERNEL_LISTS below holds the backward kernels'.
+CONFIG_LISTS = {
+    # 128x256x64 spills 24 B with relu (its uint8 mask store); 256x128x64 (236 regs) is clean.
+    "fp16/bf16": _without(_16, (128, 256, 64, 8, 3)),
+    # gelu / silu in the epilogue of a 128-element-per-thread accumulator: 128x256 and 256x128 spill
+    # up to 700 B, also with BLOCK_K=32; 128x128x64 (150 regs) is the biggest clean tile.
+    "fp16/bf16 heavy": _without(_16, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)),
+    # TF32's 128x256x32 / 256x128x32 spill 48-700 B (and 64-wide K at 3 stages would not fit 163 KB).
+    "tf32": _TF32,
+    "tf32 heavy": _TF32,
+    # FFMA: 128x64 / 64x128 with 4 warps spill 16 B, 64x64x64 spills 32 B without bias.
+    "fp32": ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3)),
+    "fp64": _FP64,
+    "fp64 heavy": _FP64[:3] + ((64, 32, 32, 4, 3),),
+}
+_BWD_WEIGHT = {
+    # 256x128x64 spills 112 B (leaky_relu): g is read transposed, (BLOCK_N, BLOCK_M).
+    "fp16/bf16": _without(_16, (256, 128, 64, 8, 3)),
+    # 128x128x64 spills 8 B (fp16 gelu), 128x256x64 184 B, 64x64x64 16 B.
+    "fp16/bf16 heavy": ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                        (64, 64, 32, 8, 3), (128, 256, 32, 8, 3)),
+    "tf32": _TF32 + ((128, 256, 32, 8, 3),),
+    "tf32 heavy": _TF32,
+    "fp32": ((64, 64, 32, 4, 3), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
+    "fp64": _FP64,
+    "fp64 heavy": _without(_FP64_HEAVY_BWD, (64, 32, 16, 8, 3)),  # 56 B with gelu
+}
+KERNEL_LISTS = {
+    **{("linear_bwd_input", name): tiles for name, tiles in {
+        # 64x64x32 with 4 warps spills 8 B on sm_80 (fp16, bf16); 256x128x64 spills 32-280 B.
+        "fp16/bf16": ((64, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                      (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 8, 3)),
+        "fp16/bf16 heavy": ((64, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3),
+                            (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 8, 3)),
+        "tf32": _TF32 + ((128, 256, 32, 8, 3), (256, 128, 32, 8, 3)),
+        "tf32 heavy": _without(_TF32, (128, 128, 64, 8, 2)) + ((128, 256, 32, 8, 3),),  # 128x128x64: 8 B
+        # FFMA with the activation's prologue: every other tile spills 8-24 B with some activation.
+        "fp32": ((128, 128, 32, 8, 3),),
+        "fp64": _FP64,
+        "fp64 heavy": _FP64_HEAVY_BWD,
+    }.items()},
+    **{("linear_bwd_weight", name): tiles for name, tiles in _BWD_WEIGHT.items()},
+    # No activation, but its g tile is read from grad_out directly: 128x256 spills 304-432 B.
+    **{("linear_grad_weight_accumulate", name): _without(tiles, (128, 256, 64, 8, 3), (128, 256, 32, 8, 3))
+       for name, tiles in _BWD_WEIGHT.items()},
+}
+
+
+def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
+    """The config list a launch picks from: its operand precision and, where it matters, whether its
+    epilogue (forward) or prologue (backward) is heavy."""
+    itemsize = named_args[KERNELS[kernel][1]].dtype.itemsize
+    heavy = kwargs.get("ACTIVATION", 0) in HEAVY_EPILOGUES
+    if itemsize == 8:
+        return "fp64" + (" heavy" if heavy else "")
+    if itemsize == 2:
+        precision = "fp16/bf16"
+    elif kwargs.get("INPUT_PRECISION", "ieee") == "ieee":
+        return "fp32"  # FFMA: no tensor cores; the same small tiles for every epilogue
+    else:
+        precision = "tf32"
+    return precision + (" heavy" if heavy else "")
+
+
+def config_tiles(kernel: str, name: str) -> tuple:
+    """The tiles of list `name` for `kernel`, its default first."""
+    return KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
+
+
+def _config(reduction_block: str, tile) -> triton.Config:
     outer = {"BLOCK_K": ("BLOCK_M", "BLOCK_N"), "BLOCK_N": ("BLOCK_M", "BLOCK_K"),
              "BLOCK_M": ("BLOCK_N", "BLOCK_K")}[reduction_block]
-    return [
-        triton.Config({outer[0]: a, outer[1]: b, reduction_block: r, "GROUP": 8},
-                      num_warps=warps, num_stages=stages)
-        for a, b, r, warps, stages in shapes
-    ]
+    a, b, r, warps, stages = tile
+    return triton.Config({outer[0]: a, outer[1]: b, reduction_block: r, "GROUP": 8},
+                         num_warps=warps, num_stages=stages)
 
 
+def tile_of(config, kernel: str) -> tuple:
+    reduction_block = KERNELS[kernel][0]
+    outer = [k for k in config.kwargs if k.startswith("BLOCK_") and k != reduction_block]
+    return (config.kwargs[outer[0]], config.kwargs[outer[1]], config.kwargs[reduction_block],
+            config.num_warps, config.num_stages)
+
+
+def matmul_configs(kernel: str) -> list:
+    """Every tile of every list of `kernel`, once each (the autotuner's `configs`; the prune picks a
+    launch's list from them). The whole list also under the interpreter: the prune cuts it to one."""
+    names = [n for n in CONFIG_LISTS]
+    tiles = []
+    for name in names:
+        for tile in config_tiles(kernel, name):
+            if tile not in tiles:
+                tiles.append(tile)
+    return [_config(KERNELS[kernel][0], t) for t in tiles]
+
+
+def list_configs(kernel: str, name: str) -> list:
+    """List `name` of `kernel` as triton.Configs, in order (for the tests that pin each config)."""
+    return [_config(KERNELS[kernel][0], t) for t in config_tiles(kernel, name)]
+
+
+def _pruner(kernel: str):
+    def early_config_prune(configs, named_args, **kwargs):
+        """Autotuner.prune_configs: the configs of this launch's list, in the list's order; only the
+        first of them where autotuning is off (the interpreter, FASTDL_AUTOTUNE=0)."""
+        tiles = config_tiles(kernel, config_list_name(kernel, named_args, kwargs))
+        picked = [c for t in tiles for c in configs if tile_of(c, kernel) == t]
+        if not picked:  # configs pinned by a test (or by hand) that no list holds: keep them
+            return configs
+        return picked[:1] if _FIRST_CONFIG_ONLY else picked
+
+    return early_config_prune
+
+
+_FIRST_CONFIG_ONLY = first_config_only()
+
+
+def _autotune(kernel: str, key: list, **kwargs):
+    # INPUT_PRECISION and ACTIVATION are in every key (the autotuner's cache key also holds each
+    # tensor's dtype): the prune runs once per key, so a key must determine the list.
+    return triton.autotune(configs=matmul_configs(kernel), key=key,
+                           prune_configs_by={"early_config_prune": _pruner(kernel)}, **kwargs)
 @triton.jit
 def _tanh(z):
     # tanh through exp of a non-positive argument: no overflow, and it runs under the interpreter.
@@ -121,7 +256,7 @@ def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
     return row, col
 
 
-@triton.autotune(configs=matmul_configs("BLOCK_K"), key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"])
+@_autotune("linear_fwd", key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "INPUT_PRECISION"])
 @triton.jit
 def _linear_fwd(
     x_ptr, w_ptr, bias_ptr, out_ptr, saved_ptr,  # x (M, K), w (N, K), bias (N,), out/saved (M, N)
@@ -162,7 +297,7 @@ def _linear_fwd(
                  acc.to(saved_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.autotune(configs=matmul_configs("BLOCK_N"), key=["M", "N", "K", "ACTIVATION"])
+@_autotune("linear_bwd_input", key=["M", "N", "K", "ACTIVATION", "INPUT_PRECISION"])
 @triton.jit
 def _linear_bwd_input(
     grad_out_ptr, saved_ptr, w_ptr, grad_input_ptr,  # grad_out/saved (M, N), w (N, K), grad_input (M, K)
@@ -197,7 +332,7 @@ def _linear_bwd_input(
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=matmul_configs("BLOCK_M"), key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"])
+@_autotune("linear_bwd_weight", key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "INPUT_PRECISION"])
 @triton.jit
 def _linear_bwd_weight(
     grad_out_ptr, saved_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out/saved (M, N), x (M, K)
@@ -256,8 +391,8 @@ def _linear_bwd_weight(
 
 
 # Autotuning trial runs would each add into grad_weight; restore_value resets it between trials.
-@triton.autotune(configs=matmul_configs("BLOCK_M"), key=["M", "N", "K", "HAS_BIAS"],
-                 restore_value=["grad_weight_ptr", "grad_bias_ptr"])
+@_autotune("linear_grad_weight_accumulate", key=["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
+           restore_value=["grad_weight_ptr", "grad_bias_ptr"])
 @triton.jit
 def _linear_grad_weight_accumulate(
     grad_out_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out (M, N), x (M, K), grad_weight (N, K)
