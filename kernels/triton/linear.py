@@ -313,8 +313,20 @@ def _linear_bwd_input(
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     g_ptrs = grad_out_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
     s_ptrs = saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    # TF32 without an activation computes the transposed product, grad_input.T = w.T @ g.T. Hopper's
+    # wgmma reads 32-bit operands from shared memory only K-major (contiguous along the reduction),
+    # and w is reduced over N but contiguous along K: as the B operand of g @ w, Triton copied it
+    # into shared memory transposed, 4 bytes per cp.async. As the A operand of w.T @ g.T it is read
+    # from registers, where any layout will do, so it is copied 16 bytes at a time; g.T is K-major
+    # as B. (With an activation g is computed in registers and would have to be stored as B, which
+    # keeps each wgmma from overlapping the next step: those variants keep the plain product.)
+    TRANSPOSED: tl.constexpr = INPUT_PRECISION == "tf32" and ACTIVATION == 0
+    if TRANSPOSED:
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # w.T: (BLOCK_K, BLOCK_N)
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=ACC_DTYPE)
+    else:
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_left = N - n * BLOCK_N
         g_mask = (offs_m[:, None] < M) & (offs_n[None, :] < n_left)
@@ -322,14 +334,25 @@ def _linear_bwd_input(
         if ACTIVATION != 0:
             saved = tl.load(s_ptrs, mask=g_mask, other=0)
             grad = _activation_grad(grad.to(ACC_DTYPE), saved.to(ACC_DTYPE), negative_slope, ACTIVATION)
-        w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & (offs_k[None, :] < K), other=0.0)
-        acc = tl.dot(grad.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+        if TRANSPOSED:
+            w_t = tl.load(w_ptrs, mask=(offs_k[:, None] < K) & (offs_n[None, :] < n_left), other=0.0)
+            # "+ 0.0" (not folded: it turns -0.0 into +0.0, which no sum can tell) is what makes
+            # Triton 3.9 feed w.T to wgmma from registers; without it w.T is copied 4 bytes at a time.
+            acc = tl.dot(w_t + 0.0, tl.trans(grad.to(w_t.dtype)), acc, input_precision=INPUT_PRECISION)
+        else:
+            w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & (offs_k[None, :] < K), other=0.0)
+            acc = tl.dot(grad.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
         g_ptrs += BLOCK_N * stride_gn
         s_ptrs += BLOCK_N * stride_sn
         w_ptrs += BLOCK_N * stride_wn
-    tl.store(grad_input_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik,
-             acc.to(grad_input_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    if TRANSPOSED:
+        tl.store(grad_input_ptr + offs_k[:, None] * stride_ik + offs_m[None, :] * stride_im,
+                 acc.to(grad_input_ptr.dtype.element_ty),
+                 mask=(offs_k[:, None] < K) & (offs_m[None, :] < M))
+    else:
+        tl.store(grad_input_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik,
+                 acc.to(grad_input_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @_autotune("linear_bwd_weight", key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "INPUT_PRECISION"])
