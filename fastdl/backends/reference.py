@@ -113,3 +113,27 @@ def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accum
     if grad_bias is not None:
         start_bias = to_numpy(grad_bias) if accumulate else 0.0
         grad_bias.copy_(from_numpy(start_bias + g.sum(axis=0), grad_bias))
+
+
+# --- max_pool2d ---
+# The same launcher interface as fastdl/backends/triton/max_pool2d.py: outputs allocated by the op.
+from fastdl.reference import max_pool2d as _max_pool2d  # noqa: E402
+
+
+@launcher
+def max_pool2d_fwd(input, kernel_size, stride, padding, dilation, ceil_mode, out, saved):
+    result, ctx = _max_pool2d.forward(to_numpy(input), kernel_size, stride, padding, dilation, ceil_mode)
+    out.copy_(from_numpy(result, out))
+    if saved.numel():
+        key = "indices" if saved.dtype == torch.int64 else "window_pos"
+        saved.copy_(torch.from_numpy(ctx[key].astype(np.int64)).to(saved.device, saved.dtype))
+    return out, saved
+
+
+@launcher
+def max_pool2d_bwd(grad_out, saved, kernel_size, stride, padding, dilation, grad_input):
+    from fastdl.ops.max_pool2d import flat_indices
+
+    indices = flat_indices(saved.cpu(), grad_input.shape, kernel_size, stride, padding, dilation)
+    grad = _max_pool2d.backward(to_numpy(grad_out), {"indices": indices.numpy(), "input_shape": grad_input.shape})
+    return grad_input.copy_(from_numpy(grad, grad_input))

@@ -21,6 +21,9 @@ Signatures and results (the functional layer has validated and normalized every 
                        label_smoothing: float, reduction: str, needs_input_grad: bool,
                        needs_weight_grad: bool, needs_bias_grad: bool)
       -> (loss, grad_input, grad_weight, grad_bias)
+  max_pool2d(input (N, C, H, W), kernel_size, stride, padding, dilation (2-element lists),
+             ceil_mode: bool, channels_last: bool, return_indices: bool, compute_grad: bool)
+      -> (out (N, C, P, Q), saved: torch's int64 indices, uint8 window positions, or empty)
 """
 from __future__ import annotations
 
@@ -31,11 +34,13 @@ import torch
 from fastdl.ops import cross_entropy as _cross_entropy
 from fastdl.ops import linear as _linear
 from fastdl.ops import linear_cross_entropy as _linear_cross_entropy
+from fastdl.ops import max_pool2d as _max_pool2d
 
-OP_NAMES = ("linear", "cross_entropy", "linear_cross_entropy")
+OP_NAMES = ("linear", "cross_entropy", "linear_cross_entropy", "max_pool2d")
 BACKEND_NAMES = ("triton", "cupy", "reference", "torch")
 
-_MODULES = {"linear": _linear, "cross_entropy": _cross_entropy, "linear_cross_entropy": _linear_cross_entropy}
+_MODULES = {"linear": _linear, "cross_entropy": _cross_entropy, "linear_cross_entropy": _linear_cross_entropy,
+            "max_pool2d": _max_pool2d}
 _defined: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 

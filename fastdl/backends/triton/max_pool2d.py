@@ -1,0 +1,72 @@
+"""Triton launchers for max_pool2d (kernels/triton/max_pool2d.py).
+
+The launcher interface every backend implements for it (fastdl/ops/max_pool2d.py is the only
+caller: it has validated the arguments and allocated the outputs in their layouts):
+
+  max_pool2d_fwd(input, kernel_size, stride, padding, dilation, ceil_mode, out, saved) -> (out, saved)
+  max_pool2d_bwd(grad_out, saved, kernel_size, stride, padding, dilation, grad_input) -> grad_input
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdl.backends.triton._launch import ACC_DTYPE, interpreter_bf16, wrap_triton
+from fastdl.kernels.triton import max_pool2d as _pool
+
+INT32_MAX = 2**31 - 1
+
+
+def save_code(saved: torch.Tensor) -> int:
+    """What the forward writes beside the output, from the buffer the op allocated for it."""
+    if saved.numel() == 0:
+        return _pool.SAVE_NONE
+    return _pool.SAVE_INDEX if saved.dtype == torch.int64 else _pool.SAVE_POS
+
+
+def channels_tile(t: torch.Tensor) -> bool:
+    """Tile channels (the channels_last path) when t's channels are contiguous: its (N, C, H, W)
+    channel stride is 1 and there is more than one channel."""
+    return t.shape[1] > 1 and t.stride(1) == 1
+
+
+def _grid(num_pixels: int, C: int, block_pix: int, block_c: int) -> tuple[int]:
+    return (-(-num_pixels // block_pix) * -(-C // block_c),)
+
+
+@interpreter_bf16(results=("io", "other"), mutates=("out",))
+def max_pool2d_fwd(input, kernel_size, stride, padding, dilation, ceil_mode, out, saved):
+    """out[n, c, p, q] = the maximum of window (p, q) of input[n, c] with torch's NaN, tie and -inf
+    rules; saved[n, c, p, q] = its tap r * S + s (uint8 saved) or torch's flat index (int64 saved),
+    unless saved is empty. input (N, C, H, W) any strides; out and saved (N, C, P, Q) with the same
+    strides (channels_last or contiguous). N * P * Q > 0."""
+    N, C, H, W = input.shape
+    P, Q = out.shape[2:]
+    num_pixels = N * P * Q
+    block_pix, block_c = _pool.blocks(C, channels_tile(input))
+    target = saved if saved.numel() else out  # not written with SAVE_NONE
+    wrap_triton(_pool._max_pool2d_fwd)[_grid(num_pixels, C, block_pix, block_c)](
+        input, out, target, C, H, W, P, Q, num_pixels,
+        *input.stride(), *out.stride(), *stride, *padding, *dilation,
+        KH=kernel_size[0], KW=kernel_size[1], SAVE=save_code(saved), PIX64=num_pixels + block_pix > INT32_MAX,
+        BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_pool.NUM_WARPS,
+    )
+    return out, saved
+
+
+@interpreter_bf16(results=("io",), mutates=("grad_input",))
+def max_pool2d_bwd(grad_out, saved, kernel_size, stride, padding, dilation, grad_input):
+    """grad_input[n, c, h, w] = the sum of grad_out over the windows that chose input element
+    (h, w) (saved: uint8 taps or int64 flat indices); every element written. grad_out and saved
+    (N, C, P, Q) any strides; grad_input (N, C, H, W), numel > 0."""
+    N, C, H, W = grad_input.shape
+    P, Q = grad_out.shape[2:]
+    num_pixels = N * H * W
+    block_pix, block_c = _pool.blocks(C, channels_tile(grad_input))
+    wrap_triton(_pool._max_pool2d_bwd)[_grid(num_pixels, C, block_pix, block_c)](
+        grad_out, saved, grad_input, C, H, W, P, Q, num_pixels,
+        *grad_out.stride(), *saved.stride(), *grad_input.stride(), *stride, *padding, *dilation,
+        KH=kernel_size[0], KW=kernel_size[1], SAVE_INDEX=saved.dtype == torch.int64,
+        ACC_DTYPE=ACC_DTYPE[grad_out.dtype], PIX64=num_pixels + block_pix > INT32_MAX,
+        BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_pool.NUM_WARPS,
+    )
+    return grad_input
