@@ -37,3 +37,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return _F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                 reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d (same constructor and attributes; no parameters or buffers) on fastdl's
+    pooling kernels, which keep a 1-byte window position for backward instead of an 8-byte index."""
+
+    def forward(self, input: torch.Tensor):
+        return _F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
