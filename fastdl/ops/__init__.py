@@ -1,4 +1,4 @@
-"""torch.library custom ops, one module per op (linear.py, cross_entropy.py, linear_cross_entropy.py).
+"""torch.library custom ops, one module per op (linear.py, cross_entropy.py, linear_cross_entropy.py, conv2d.py).
 
     fastdl.ops.get("cross_entropy", "triton")(logits, target, ...)  -> (loss, grad)
 
@@ -24,6 +24,9 @@ Signatures and results (the functional layer has validated and normalized every 
   max_pool2d(input (N, C, H, W), kernel_size, stride, padding, dilation (2-element lists),
              ceil_mode: bool, channels_last: bool, return_indices: bool, compute_grad: bool)
       -> (out (N, C, P, Q), saved: torch's int64 indices, uint8 window positions, or empty)
+  conv2d(input (N, C, H, W), weight (K, C/groups, R, S), bias (K,) | None, stride [sH, sW],
+         padding [top, bottom, left, right], dilation [dH, dW], groups: int, activation: str,
+         negative_slope: float) -> (out (N, K, P, Q), saved: uint8 mask, pre-activation or empty)
 """
 from __future__ import annotations
 
@@ -31,16 +34,17 @@ import threading
 
 import torch
 
+from fastdl.ops import conv2d as _conv2d
 from fastdl.ops import cross_entropy as _cross_entropy
 from fastdl.ops import linear as _linear
 from fastdl.ops import linear_cross_entropy as _linear_cross_entropy
 from fastdl.ops import max_pool2d as _max_pool2d
 
-OP_NAMES = ("linear", "cross_entropy", "linear_cross_entropy", "max_pool2d")
+OP_NAMES = ("linear", "cross_entropy", "linear_cross_entropy", "max_pool2d", "conv2d")
 BACKEND_NAMES = ("triton", "cupy", "reference", "torch")
 
 _MODULES = {"linear": _linear, "cross_entropy": _cross_entropy, "linear_cross_entropy": _linear_cross_entropy,
-            "max_pool2d": _max_pool2d}
+            "max_pool2d": _max_pool2d, "conv2d": _conv2d}
 _defined: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 

@@ -3,3 +3,4 @@ as the launcher interface fastdl.ops calls (linear_fwd, linear_bwd, cross_entrop
 from fastdl.backends.triton.linear import linear_bwd, linear_fwd, linear_grad_weight_accumulate  # noqa: F401
 from fastdl.backends.triton.cross_entropy import cross_entropy_bwd, cross_entropy_fwd  # noqa: F401
 from fastdl.backends.triton.max_pool2d import max_pool2d_bwd, max_pool2d_fwd  # noqa: F401
+from fastdl.backends.triton.conv2d import conv2d_bwd, conv2d_fwd  # noqa: F401

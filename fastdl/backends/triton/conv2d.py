@@ -1,0 +1,177 @@
+"""Triton launchers for conv2d (kernels/triton/conv2d.py): allocate outputs, pick constexprs, launch.
+Inputs were validated upstream: input (N, C, H, W) with N >= 1 and any strides, weight
+(K, C/groups, R, S), normalized stride (sH, sW), padding (top, bottom, left, right), dilation (dH, dW).
+
+Layouts: the output (and the saved mask or pre-activation) is channels_last when the input is, by
+torch's suggest_memory_format, and contiguous otherwise, as torch's convolutions keep the input's
+memory format; grad_input follows the input and grad_weight the weight in the same way.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch._prims_common import suggest_memory_format
+
+from fastdl.backends.common import ACTIVATION_CODES, SAVE_KIND, SAVE_MASK, SAVE_NONE
+from fastdl.backends.triton._launch import ACC_DTYPE, interpreter_bf16, wrap_triton
+from fastdl.kernels.triton import conv2d as _k
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """torch's suggest_memory_format: channels_last when a 4-D tensor's strides are ordered as NHWC's."""
+    return suggest_memory_format(t)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    # TF32 follows the switch torch's own convolutions obey (cuDNN's; on by default).
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def output_shape(input, weight, stride, padding, dilation):
+    N, _, H, W = input.shape
+    K, _, R, S = weight.shape
+    P = (H + padding[0] + padding[1] - dilation[0] * (R - 1) - 1) // stride[0] + 1
+    Q = (W + padding[2] + padding[3] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+    return N, K, P, Q
+
+
+def conv2d_outputs(input, weight, stride, padding, dilation, activation):
+    """(activation code, out, saved, whether saved is written): out (N, K, P, Q) in the input's memory
+    format; saved a uint8 mask or the pre-activation in out's shape and layout, or an empty tensor."""
+    code = ACTIVATION_CODES[activation]
+    shape = output_shape(input, weight, stride, padding, dilation)
+    fmt = memory_format(input)
+    out = torch.empty(shape, device=input.device, dtype=input.dtype).contiguous(memory_format=fmt)
+    kind = SAVE_KIND[code]
+    if kind == SAVE_NONE:
+        return code, out, input.new_empty((0,)), False
+    saved = torch.empty(shape, device=input.device, dtype=torch.uint8 if kind == SAVE_MASK else input.dtype)
+    return code, out, saved.contiguous(memory_format=fmt), True
+
+
+def _few_channels(C_g: int) -> bool:
+    return C_g < _k.FEW_CHANNELS_BELOW
+
+
+@interpreter_bf16(results=("io", "io"))  # out; saved (pre-activation, or a uint8 mask: left as is)
+def conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, activation, negative_slope):
+    """-> (out (N, K, P, Q), saved)."""
+    N, C, H, W = input.shape
+    K, C_g, R, S = weight.shape
+    code, out, saved, _ = conv2d_outputs(input, weight, stride, padding, dilation, activation)
+    _, _, P, Q = out.shape
+    K_g = K // groups
+    if out.numel() == 0:
+        return out, saved
+    save_ptr = saved if saved.numel() else out
+    grid = lambda meta: (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K_g, meta["BLOCK_N"]), groups)
+    wrap_triton(_k._conv2d_fwd)[grid](
+        input, weight, bias if bias is not None else out, out, save_ptr,
+        N, C_g, H, W, K_g, P, Q, R, S,
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *input.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
+        *out.stride(),
+        float(negative_slope),
+        HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code], FEW_CHANNELS=_few_channels(C_g),
+        ACC_DTYPE=ACC_DTYPE[input.dtype], INPUT_PRECISION=input_precision(input.dtype),
+    )
+    return out, saved
+
+
+# Split the N*P*Q pixels of grad_weight over this many programs per tile; None: by shape.
+GRAD_WEIGHT_SPLITS = None
+
+
+def _grad_weight_splits(M: int, tiles: int, device) -> int:
+    if GRAD_WEIGHT_SPLITS is not None:
+        return GRAD_WEIGHT_SPLITS
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= sms:
+        return 1
+    # Enough programs to fill the SMs twice over, each still looping over >= 4 blocks of 128 pixels.
+    return max(1, min(triton.cdiv(2 * sms, tiles), M // 512, 32))
+
+
+@interpreter_bf16(results=("io", "io", "io"))  # grad_input, grad_weight, grad_bias
+def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilation, groups, activation,
+               negative_slope, needs_input_grad, needs_weight_grad, needs_bias_grad):
+    """Gradients of conv2d_fwd; `saved` is its second output (read for relu/leaky_relu/gelu*/silu),
+    `out` its first (read for sigmoid/tanh)."""
+    N, C, H, W = input.shape
+    K, C_g, R, S = weight.shape
+    _, _, P, Q = grad_out.shape
+    K_g = K // groups
+    code = ACTIVATION_CODES[activation]
+    kind = SAVE_KIND[code]
+    s = grad_out if code == 0 else (out if kind == SAVE_NONE else saved)
+    acc_dtype = ACC_DTYPE[input.dtype]
+    precision = input_precision(input.dtype)
+    geometry = (N, C_g, H, W, K_g, P, Q, R, S, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    grad_input = grad_weight = grad_bias = None
+    if needs_input_grad:
+        grad_input = torch.empty(input.shape, device=input.device, dtype=input.dtype,
+                                 memory_format=memory_format(input))
+        rows, cols = triton.cdiv(H, stride[0]), triton.cdiv(W, stride[1])
+        grid = lambda meta: (triton.cdiv(N * rows * cols, meta["BLOCK_M"]) * triton.cdiv(C_g, meta["BLOCK_K"]),
+                             groups * stride[0] * stride[1])
+        if grad_input.numel():
+            wrap_triton(_k._conv2d_bwd_input)[grid](
+                grad_out, s, weight, grad_input, *geometry,
+                *grad_out.stride(), *s.stride(), *weight.stride(),
+                *grad_input.stride(),
+                float(negative_slope),
+                ACTIVATION=code, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+            )
+    if needs_weight_grad or needs_bias_grad:
+        grad_weight = torch.empty(weight.shape, device=input.device, dtype=weight.dtype,
+                                  memory_format=memory_format(weight))
+        grad_bias = torch.empty((K,), device=input.device, dtype=weight.dtype) if needs_bias_grad else None
+        _grad_weight(grad_out, s, input, grad_weight, grad_bias, geometry, groups, code, negative_slope,
+                     acc_dtype, precision)
+        if not needs_weight_grad:
+            grad_weight = None
+    return grad_input, grad_weight, grad_bias
+
+
+def _grad_weight(grad_out, s, input, grad_weight, grad_bias, geometry, groups, code, negative_slope, acc_dtype,
+                 precision):
+    N, C_g, H, W, K_g, P, Q, R, S = geometry[:9]
+    few = _few_channels(C_g)
+    taps, span = (R, S * C_g) if few else (R * S, C_g)
+    tiles = triton.cdiv(K_g, 128) * max(1, triton.cdiv(span, 128)) * taps * groups
+    splits = _grad_weight_splits(N * P * Q, tiles, input.device)
+    if splits > 1:
+        # fp32 (fp64) partial sums per split, in grad_weight's own layout, reduced in a fixed order.
+        work_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        numel = grad_weight.numel()
+        weight_out = torch.empty_strided((splits,) + tuple(grad_weight.shape), (numel,) + grad_weight.stride(),
+                                         device=input.device, dtype=work_dtype)
+        bias_out = torch.empty((splits, K_g * groups), device=input.device, dtype=work_dtype)
+        w_strides = weight_out.stride()
+        b_split = bias_out.stride(0)
+    else:
+        weight_out = grad_weight
+        bias_out = grad_bias if grad_bias is not None else grad_weight
+        w_strides = (0,) + grad_weight.stride()
+        b_split = 0
+    grid = lambda meta: (triton.cdiv(K_g, meta["BLOCK_N"]) * max(1, triton.cdiv(span, meta["BLOCK_K"])),
+                         groups * taps, splits)
+    wrap_triton(_k._conv2d_bwd_weight)[grid](
+        grad_out, s, input, weight_out, bias_out, *geometry,
+        *grad_out.stride(), *s.stride(), *input.stride(),
+        *w_strides, b_split,
+        float(negative_slope),
+        HAS_BIAS=grad_bias is not None, ACTIVATION=code, FEW_CHANNELS=few, ACC_DTYPE=acc_dtype,
+        INPUT_PRECISION=precision,
+    )
+    if splits > 1:
+        for partial, result in ((weight_out, grad_weight), (bias_out, grad_bias)):
+            if result is None or result.numel() == 0:
+                continue
+            block = 1024
+            wrap_triton(_k._sum_splits)[(triton.cdiv(result.numel(), block),)](
+                partial, result, result.numel(), SPLITS=splits, BLOCK=block)
