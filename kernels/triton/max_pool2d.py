@@ -9,12 +9,14 @@ byte (uint8), or nothing in inference; torch's int64 flat indices only when retu
 for them (SAVE).
 
 Layout. A program takes BLOCK_PIX pixels (flattened (n, p, q) in the forward, (n, h, w) in the
-backward) by BLOCK_C channels. channels_last (NHWC) is the fast path: channels are contiguous
+backward; with the channel too for NCHW) by BLOCK_C channels. channels_last (NHWC) is the fast path: channels are contiguous
 (the launcher passes a channel stride of 1, which the runtime specializes), so each tap of a
 tile is BLOCK_PIX runs of BLOCK_C contiguous channels, loaded 16 bytes at a time when C and the
 pixel strides are multiples of 16 elements (the runtime's divisibility specialization proves
-it). NCHW takes BLOCK_C = 1 and a long run of pixels, consecutive in q, so a warp's accesses are
-consecutive output columns (coalesced stores, strided input rows). Any other strides work.
+it). NCHW (CHANNELS_TILE false) takes BLOCK_C = 1 and flattens the channel into the pixel index
+instead, (n, c, p, q) with q fastest: a warp's accesses are consecutive output columns (coalesced
+stores, strided input rows), and late layers' small planes (7 x 7) still fill whole tiles. Any
+other strides work.
 
 Forward, per window, torch's rule exactly (fastdl/reference/max_pool2d.py): scan the in-bounds
 taps row-major, take a tap when it is the first in-bounds one, when it is greater than the
@@ -52,12 +54,31 @@ def blocks(C: int, channels_tile: bool) -> tuple[int, int]:
 
 
 @triton.jit
-def _pixels(pid_pix, num_pixels, BLOCK_PIX: tl.constexpr, PIX64: tl.constexpr):
+def _tile(pid, num_pixels, C, plane, CHANNELS_TILE: tl.constexpr, PIX64: tl.constexpr, BLOCK_PIX: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """A program's rows and columns: (pix, pix_ok, n, c_row, c, c_ok). pix is the row's index into
+    its plane's pixels plus whole planes (pix % plane is the pixel; the caller splits it), n its
+    batch index (int64); a row's channel is c_row + c (int64 c_row per row, c per column).
+    CHANNELS_TILE: rows are (n, pixel) of num_pixels = N * plane, columns BLOCK_C channels, c_row 0.
+    Otherwise rows are (n, c, pixel) of num_pixels = N * C * plane, one column, c = 0."""
+    if CHANNELS_TILE:
+        c_blocks = tl.cdiv(C, BLOCK_C)
+        pid_pix = pid // c_blocks
+        c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    else:
+        pid_pix = pid
+        c = tl.arange(0, BLOCK_C)
     if PIX64:
         pix = pid_pix.to(tl.int64) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
     else:
         pix = pid_pix * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
-    return pix, pix < num_pixels
+    if CHANNELS_TILE:
+        n = (pix // plane).to(tl.int64)
+        c_row = n * 0
+    else:
+        c_row = ((pix // plane) % C).to(tl.int64)
+        n = (pix // plane // C).to(tl.int64)
+    return pix, pix < num_pixels, n, c_row, c, c < C
 
 
 @triton.jit
@@ -69,21 +90,17 @@ def _max_pool2d_fwd(
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_on, stride_oc, stride_op, stride_oq,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, SAVE: tl.constexpr, PIX64: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, SAVE: tl.constexpr, CHANNELS_TILE: tl.constexpr, PIX64: tl.constexpr,
     BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    c_blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
-    pix, pix_ok = _pixels(pid // c_blocks, num_pixels, BLOCK_PIX, PIX64)
-    c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    pix, pix_ok, n, c_row, c, c_ok = _tile(pid, num_pixels, C, P * Q, CHANNELS_TILE, PIX64, BLOCK_PIX, BLOCK_C)
     q = pix % Q
     p = (pix // Q) % P
-    n = (pix // Q // P).to(tl.int64)
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
     # The window's first tap, as an offset into the input (negative in the padding; never loaded there).
-    x_base = n * stride_xn + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+    x_base = n * stride_xn + c_row * stride_xc + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
     x_chan = c.to(tl.int64) * stride_xc
 
     best = tl.full((BLOCK_PIX, BLOCK_C), float("-inf"), input_ptr.dtype.element_ty)
@@ -102,7 +119,7 @@ def _max_pool2d_fwd(
             best = tl.where(take, v, best)
             tap = tl.where(take, r * KW + s, tap)
 
-    o_off = (n * stride_on + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq)[:, None] \
+    o_off = (n * stride_on + c_row * stride_oc + p.to(tl.int64) * stride_op + q.to(tl.int64) * stride_oq)[:, None] \
         + (c.to(tl.int64) * stride_oc)[None, :]
     mask = pix_ok[:, None] & c_ok[None, :]
     tl.store(out_ptr + o_off, best, mask=mask)
@@ -125,18 +142,14 @@ def _max_pool2d_bwd(
     stride_in, stride_ic, stride_ih, stride_iw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, SAVE_INDEX: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PIX64: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS_TILE: tl.constexpr, PIX64: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    c_blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
-    pix, pix_ok = _pixels(pid // c_blocks, num_pixels, BLOCK_PIX, PIX64)
-    c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    pix, pix_ok, n, c_row, c, c_ok = _tile(pid, num_pixels, C, H * W, CHANNELS_TILE, PIX64, BLOCK_PIX, BLOCK_C)
     w = pix % W
     h = (pix // W) % H
-    n = (pix // W // H).to(tl.int64)
-    g_base = n * stride_gn
-    s_base = n * stride_sn
+    g_base = n * stride_gn + c_row * stride_gc
+    s_base = n * stride_sn + c_row * stride_sc
     g_chan = (c.to(tl.int64) * stride_gc)[None, :]
     s_chan = (c.to(tl.int64) * stride_sc)[None, :]
     here = (h.to(tl.int64) * W + w)[:, None]  # this element's flat index, as torch's indices hold it
@@ -159,6 +172,6 @@ def _max_pool2d_bwd(
                 hit = ok & (chosen.to(tl.int32) == r * KW + s)
             acc += tl.load(grad_out_ptr + pq_g + g_chan, mask=hit, other=0.0).to(ACC_DTYPE)
 
-    i_off = (n * stride_in + h.to(tl.int64) * stride_ih + w.to(tl.int64) * stride_iw)[:, None] \
+    i_off = (n * stride_in + c_row * stride_ic + h.to(tl.int64) * stride_ih + w.to(tl.int64) * stride_iw)[:, None] \
         + (c.to(tl.int64) * stride_ic)[None, :]
     tl.store(grad_input_ptr + i_off, acc.to(grad_input_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])

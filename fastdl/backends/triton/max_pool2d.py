@@ -29,8 +29,13 @@ def channels_tile(t: torch.Tensor) -> bool:
     return t.shape[1] > 1 and t.stride(1) == 1
 
 
-def _grid(num_pixels: int, C: int, block_pix: int, block_c: int) -> tuple[int]:
-    return (-(-num_pixels // block_pix) * -(-C // block_c),)
+def _launch_shape(N: int, C: int, plane: int, tile_channels: bool) -> tuple[int, tuple[int], int, int]:
+    """(num_pixels, grid, BLOCK_PIX, BLOCK_C): channel tiles over N * plane pixels, or NCHW's one
+    channel a row over N * C * plane (see kernels/triton/max_pool2d.py)."""
+    block_pix, block_c = _pool.blocks(C, tile_channels)
+    num_pixels = N * plane if tile_channels else N * C * plane
+    c_blocks = -(-C // block_c) if tile_channels else 1
+    return num_pixels, (-(-num_pixels // block_pix) * c_blocks,), block_pix, block_c
 
 
 @interpreter_bf16(results=("io", "other"), mutates=("out",))
@@ -41,13 +46,14 @@ def max_pool2d_fwd(input, kernel_size, stride, padding, dilation, ceil_mode, out
     strides (channels_last or contiguous). N * P * Q > 0."""
     N, C, H, W = input.shape
     P, Q = out.shape[2:]
-    num_pixels = N * P * Q
-    block_pix, block_c = _pool.blocks(C, channels_tile(input))
+    tile_channels = channels_tile(input)
+    num_pixels, grid, block_pix, block_c = _launch_shape(N, C, P * Q, tile_channels)
     target = saved if saved.numel() else out  # not written with SAVE_NONE
-    wrap_triton(_pool._max_pool2d_fwd)[_grid(num_pixels, C, block_pix, block_c)](
+    wrap_triton(_pool._max_pool2d_fwd)[grid](
         input, out, target, C, H, W, P, Q, num_pixels,
         *input.stride(), *out.stride(), *stride, *padding, *dilation,
-        KH=kernel_size[0], KW=kernel_size[1], SAVE=save_code(saved), PIX64=num_pixels + block_pix > INT32_MAX,
+        KH=kernel_size[0], KW=kernel_size[1], SAVE=save_code(saved), CHANNELS_TILE=tile_channels,
+        PIX64=num_pixels + block_pix > INT32_MAX,
         BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_pool.NUM_WARPS,
     )
     return out, saved
@@ -60,13 +66,13 @@ def max_pool2d_bwd(grad_out, saved, kernel_size, stride, padding, dilation, grad
     (N, C, P, Q) any strides; grad_input (N, C, H, W), numel > 0."""
     N, C, H, W = grad_input.shape
     P, Q = grad_out.shape[2:]
-    num_pixels = N * H * W
-    block_pix, block_c = _pool.blocks(C, channels_tile(grad_input))
-    wrap_triton(_pool._max_pool2d_bwd)[_grid(num_pixels, C, block_pix, block_c)](
+    tile_channels = channels_tile(grad_input)
+    num_pixels, grid, block_pix, block_c = _launch_shape(N, C, H * W, tile_channels)
+    wrap_triton(_pool._max_pool2d_bwd)[grid](
         grad_out, saved, grad_input, C, H, W, P, Q, num_pixels,
         *grad_out.stride(), *saved.stride(), *grad_input.stride(), *stride, *padding, *dilation,
         KH=kernel_size[0], KW=kernel_size[1], SAVE_INDEX=saved.dtype == torch.int64,
-        ACC_DTYPE=ACC_DTYPE[grad_out.dtype], PIX64=num_pixels + block_pix > INT32_MAX,
+        ACC_DTYPE=ACC_DTYPE[grad_out.dtype], CHANNELS_TILE=tile_channels, PIX64=num_pixels + block_pix > INT32_MAX,
         BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_pool.NUM_WARPS,
     )
     return grad_input
