@@ -180,6 +180,47 @@ def test_prune_picks_the_list_of_the_launch(monkeypatch, kernel, precision, acti
     assert [K_.tile_of(c, kernel) for c in picked] == list(tiles)
 
 
+@pytest.mark.parametrize("kernel", K_.KERNELS)
+def test_prune_chooses_for_the_target(monkeypatch, kernel):
+    """On a compute capability 8.x GPU (or while inspect compiles for sm_80) a launch picks from its
+    list less the tiles that spill there (SM80_SPILLS); on sm_90, and on a CPU tensor, the whole list."""
+    from fastdl.kernels.triton import target
+
+    monkeypatch.setattr(K_, "_FIRST_CONFIG_ONLY", False)
+    autotuner = KERNELS[kernel]
+    for precision in PRECISIONS:
+        for activation in (("none",) if kernel == ACCUMULATE else ("relu", "gelu")):
+            named, kwargs = _launch_args(kernel, precision, activation)
+            name = K_.config_list_name(kernel, named, kwargs)
+            whole = K_.config_tiles(kernel, name)
+            dropped = K_.SM80_SPILLS.get((kernel, name), ())
+            sm80 = tuple(t for t in whole if t not in dropped)
+            assert sm80, (kernel, name)  # an sm_80 list is never empty
+            assert K_.config_tiles(kernel, name, (8, 0)) == K_.config_tiles(kernel, name, (8, 6)) == sm80
+            assert K_.config_tiles(kernel, name, (9, 0)) == K_.config_tiles(kernel, name, None) == whole
+            for capability, expected in (((8, 0), sm80), ((9, 0), whole), (None, whole)):
+                with target.compiling_for(capability):
+                    picked = autotuner.early_config_prune(autotuner.configs, named, **kwargs)
+                assert tuple(K_.tile_of(c, kernel) for c in picked) == expected, (name, capability)
+    # Every dropped tile is in its list (a stale entry would hide nothing and mislead).
+    for (k, name), tiles in K_.SM80_SPILLS.items():
+        assert set(tiles) <= set(K_.config_tiles(k, name)), (k, name)
+
+
+def test_target_capability_of_a_launch():
+    from fastdl.kernels.triton import target
+
+    assert target.capability(torch.empty(1)) is None  # a CPU tensor: the interpreter
+    assert target.capability(object()) is None  # inspect's stand-ins have no device
+    with target.compiling_for((8, 0)):
+        assert target.capability(torch.empty(1)) == (8, 0)
+        with target.compiling_for((9, 0)):
+            assert target.capability(object()) == (9, 0)
+        assert target.capability(object()) == (8, 0)
+    assert target.capability(object()) is None
+    assert target.is_sm80_class((8, 9)) and not target.is_sm80_class((9, 0)) and not target.is_sm80_class(None)
+
+
 def test_every_list_tile_is_a_config_and_the_key_holds_what_the_prune_reads():
     for kernel, autotuner in KERNELS.items():
         tiles = [K_.tile_of(c, kernel) for c in autotuner.configs]

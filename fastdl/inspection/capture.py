@@ -25,10 +25,13 @@ LINEAR_SHAPES = ((8192, 4096, 4096), (4096, 1024, 4096))
 # (rows, vocabulary): Llama 2, GPT-2 (50257 is not a multiple of 16), Llama 3.
 CROSS_ENTROPY_SHAPES = ((8192, 32000), (8192, 50257), (8192, 128256))
 LINEAR_CE_SHAPE = (8192, 4096, 128256)
+# ResNet-50's stem pool (3x3, stride 2, padding 1) on its 64 x 112 x 112 input, batch 32 and 256.
+MAX_POOL2D_SHAPES = ((32, 64, 112, 112), (256, 64, 112, 112))
 # (name, torch dtype, TF32 on): fp32 is run both ways since torch's default for matmuls is off.
 PRECISIONS = (("fp16", torch.float16, False), ("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
               ("tf32", torch.float32, True), ("fp64", torch.float64, False))
 H100_SMS = 132
+ARCH_CAPABILITY = {"sm_80": (8, 0), "sm_90": (9, 0)}
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Launch:
     kernel: object                 # the Autotuner or JITFunction launched
     args: tuple                    # positional arguments, tensors as Pointer
     kwargs: dict                   # constexprs and options given at the call
-    grids: list[tuple[int, ...]]   # per pickable config (one entry for a kernel without autotuning)
+    grids: list[tuple[int, ...]]   # per config of the kernel's whole list (one entry without autotuning)
     case: str
 
 
@@ -59,13 +62,17 @@ class Variant:
     kernel: object
     args: tuple
     kwargs: dict
-    cases: list[tuple[str, list[tuple[int, ...]]]] = field(default_factory=list)  # (case, grid per pickable config)
+    cases: list[tuple[str, list[tuple[int, ...]]]] = field(default_factory=list)  # (case, grid per config of all_configs)
 
-    @property
-    def configs(self) -> list:
-        """The configs the autotuner can pick for this variant's launches (its early_config_prune
-        applied to its arguments); [None] for a kernel without autotuning."""
-        return pickable_configs(self.kernel, self.args, self.kwargs)
+    def configs(self, arch: str | None = None) -> list:
+        """The configs the autotuner can pick for this variant's launches on `arch` (its
+        early_config_prune applied to its arguments, choosing for that target); [None] for a kernel
+        without autotuning."""
+        return pickable_configs(self.kernel, self.args, self.kwargs, ARCH_CAPABILITY.get(arch))
+
+    def grid(self, config, case_grids: list[tuple[int, ...]]) -> tuple[int, ...]:
+        """The grid of `config` (one of all_configs) in a case's grids."""
+        return case_grids[next(i for i, c in enumerate(self.all_configs) if c is config)]
 
     @property
     def all_configs(self) -> list:
@@ -84,17 +91,21 @@ def jit_function(kernel):
     return kernel.fn if isinstance(kernel, Autotuner) else kernel
 
 
-def pickable_configs(kernel, args: tuple, kwargs: dict) -> list:
-    """What the autotuner may pick for a launch with these arguments: Autotuner.prune_configs's
-    early_config_prune over the kernel's configs, called as Autotuner.run calls it (the positional
-    arguments by name, the keyword arguments as they are)."""
+def pickable_configs(kernel, args: tuple, kwargs: dict, capability: tuple[int, int] | None = None) -> list:
+    """What the autotuner may pick for a launch with these arguments on a GPU of `capability`:
+    Autotuner.prune_configs's early_config_prune over the kernel's configs, called as Autotuner.run
+    calls it (the positional arguments by name, the keyword arguments as they are), with the
+    kernels' target (fastdl.kernels.triton.target) set to `capability` (None: every target's)."""
+    from fastdl.kernels.triton import target
+
     configs = getattr(kernel, "configs", None)
     if not configs:
         return [None]
     prune = getattr(kernel, "early_config_prune", None)
     if prune is None or len(configs) == 1:  # Autotuner.run prunes only a list of more than one
         return list(configs)
-    return list(prune(list(configs), dict(zip(jit_function(kernel).arg_names, args)), **kwargs))
+    with target.compiling_for(capability):
+        return list(prune(list(configs), dict(zip(jit_function(kernel).arg_names, args)), **kwargs))
 
 
 def kernel_name(kernel) -> str:
@@ -126,7 +137,7 @@ class _Interceptor:
                     meta = {**dict(zip(jit_function(kernel).arg_names, args)), **kwargs}
                     stand_ins = tuple(_stand_in(a) for a in args)
                     kw = {k: _stand_in(v) for k, v in kwargs.items()}
-                    configs = pickable_configs(kernel, stand_ins, kw)
+                    configs = list(getattr(kernel, "configs", None) or [None])
                     grids = [_grid_size(grid, {**meta, **(c.kwargs if c is not None else {})}) for c in configs]
                     interceptor.launches.append(Launch(kernel, stand_ins, kw, grids, interceptor._case_of()))
                 return record
@@ -186,6 +197,16 @@ def _linear_cross_entropy(N, H, V, dtype):
     torch.autograd.grad(loss, [x, w, b], torch.ones((), dtype=loss.dtype))
 
 
+def _max_pool2d(shape, dtype, channels_last, return_indices=False):
+    from fastdl import ops
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(shape, dtype=dtype, memory_format=fmt).requires_grad_()
+    out, _ = ops.get("max_pool2d", "triton")(x, [3, 3], [2, 2], [1, 1], [1, 1], False, channels_last,
+                                            return_indices, True)
+    torch.autograd.grad(out, [x], torch.empty(out.shape, dtype=dtype, memory_format=fmt))
+
+
 def cases() -> list[tuple[str, str, object]]:
     """(op, case label, TF32 on, a function that runs it): every launch fastdl inspect compiles."""
     out = []
@@ -215,6 +236,16 @@ def cases() -> list[tuple[str, str, object]]:
         if name in ("fp16", "bf16", "tf32"):
             out.append(("linear_cross_entropy", f"linear_cross_entropy {name} {N}x{H}->{V}", tf32,
                         lambda d=dtype: _linear_cross_entropy(N, H, V, d)))
+    for name, dtype, _ in PRECISIONS:
+        if name not in ("fp16", "bf16", "fp32"):
+            continue
+        for shape in MAX_POOL2D_SHAPES:
+            for layout, channels_last in (("channels_last", True), ("NCHW", False)):
+                out.append(("max_pool2d", f"max_pool2d {name} {layout} 3x3/2 pad 1 {'x'.join(map(str, shape))}", False,
+                            lambda s=shape, d=dtype, c=channels_last: _max_pool2d(s, d, c)))
+        # return_indices: torch's int64 indices saved instead of the one-byte taps.
+        out.append(("max_pool2d", f"max_pool2d {name} channels_last return_indices 3x3/2 pad 1 32x64x112x112", False,
+                    lambda d=dtype: _max_pool2d(MAX_POOL2D_SHAPES[0], d, True, return_indices=True)))
     return out
 
 

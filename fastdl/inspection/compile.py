@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 ARCHS = {"sm_80": 80, "sm_90": 90}
 # Kernels whose work is a matmul (tensor cores expected) and those bound by memory bandwidth.
 MATMUL_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate")
-MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits")
+MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits", "max_pool2d_fwd", "max_pool2d_bwd")
 
 _VARIANTS: list = []  # set before the worker pool forks: tasks name variants by index
 
@@ -82,13 +82,13 @@ def _tile_size(kernel: str, config) -> tuple:
     return (a * b / (32 * warps), (a + b) * r * stages)
 
 
-def sampled_variants(variants) -> dict:
-    """{variant index: [config index]} that `--configs sample` adds to the default configs."""
+def sampled_variants(variants, arch: str) -> dict:
+    """{variant index: [config index]} that `--configs sample` adds to the default configs on `arch`."""
     from fastdl.kernels.triton import linear as kernels
 
     groups = {}
     for index, variant in enumerate(variants):
-        if variant.name not in MATMUL_KERNELS or variant.configs == [None]:
+        if variant.name not in MATMUL_KERNELS or variant.configs(arch) == [None]:
             continue
         named = dict(zip(variant.jit_function.arg_names, variant.args))
         key = (variant.name, kernels.config_list_name(variant.name, named, variant.kwargs))
@@ -96,18 +96,18 @@ def sampled_variants(variants) -> dict:
             groups[key] = index
     out = {}
     for index in groups.values():
-        variant = variants[index]
-        others = range(1, len(variant.configs))
+        pickable = variants[index].configs(arch)
+        others = range(1, len(pickable))
         if others:
-            out[index] = [max(others, key=lambda c: _tile_size(variant.name, variant.configs[c]))]
+            out[index] = [max(others, key=lambda c: _tile_size(variants[index].name, pickable[c]))]
     return out
 
 
-def config_indices(index: int, variant, configs: str, sampled: dict) -> list[int]:
-    """Indices into variant.configs (the pickable ones) that `--configs all|default|sample` compiles
-    (`sampled`: sampled_variants(...), by variant index)."""
+def config_indices(index: int, variant, configs: str, sampled: dict, arch: str) -> list[int]:
+    """Indices into variant.configs(arch) (the pickable ones) that `--configs all|default|sample`
+    compiles (`sampled`: sampled_variants(..., arch), by variant index)."""
     if configs == "all":
-        return list(range(len(variant.configs)))
+        return list(range(len(variant.configs(arch))))
     if configs == "sample":
         return [0] + sampled.get(index, [])
     return [0]
@@ -132,13 +132,13 @@ def _triton_task(task) -> dict:
 
     index, config_index, arch = task
     variant = _VARIANTS[index]
-    config = variant.configs[config_index]
+    config = variant.configs(arch)[config_index]
     row = {"kind": "triton", "kernel": variant.name, "variant": index, "op": variant.cases[0][0].split()[0],
            "case": variant.cases[0][0], "cases": [c for c, _ in variant.cases], "config": _config_label(config),
            "default": config_index == 0, "arch": arch,
            "num_warps": config.num_warps if config is not None else variant.kwargs.get("num_warps", 4),
            "num_stages": config.num_stages if config is not None else variant.kwargs.get("num_stages", 3),
-           "grid": min(_blocks(grids[config_index]) for _, grids in variant.cases), "error": None}
+           "grid": min(_blocks(variant.grid(config, grids)) for _, grids in variant.cases), "error": None}
     start = time.perf_counter()
     try:
         compiled, spec = compile_variant(variant, config, arch)
@@ -171,14 +171,17 @@ def _with_stats(row: dict, function, dynamic_shared: int, arch: str) -> dict:
     return row
 
 
-def cuda_rows(arch: str) -> list[dict]:
-    """One row per CUDA kernel instantiation the cupy backend compiles (NVRTC, for `arch`)."""
+def cuda_rows(arch: str, ops: list[str] | None = None) -> list[dict]:
+    """One row per CUDA kernel instantiation the cupy backend compiles (NVRTC, for `arch`), of the
+    sources named after `ops` (default all)."""
     from fastdl import nvrtc
     from fastdl.backends.cupy import _runtime
     from fastdl.inspection import sass
 
     rows = []
     for source in nvrtc.cuda_sources():
+        if ops and source.stem not in ops:
+            continue
         start = time.perf_counter()
         compiled = nvrtc.compile_cubin(source, arch)
         elapsed = time.perf_counter() - start
@@ -211,9 +214,9 @@ def run(archs: list[str], ops: list[str] | None = None, configs: str = "all", jo
     launches = capture.capture(ops, cases)
     _VARIANTS = capture.variants(launches, make_backend(_target(archs[0])))
     captured = time.perf_counter()
-    sampled = sampled_variants(_VARIANTS) if configs == "sample" else {}
+    sampled = {arch: sampled_variants(_VARIANTS, arch) if configs == "sample" else {} for arch in archs}
     tasks = [(i, c, arch) for arch in archs for i, v in enumerate(_VARIANTS)
-             for c in config_indices(i, v, configs, sampled)]
+             for c in config_indices(i, v, configs, sampled[arch], arch)]
     jobs = jobs or os.cpu_count() or 1
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -222,10 +225,10 @@ def run(archs: list[str], ops: list[str] | None = None, configs: str = "all", jo
         rows = [_triton_task(t) for t in tasks]
     if cuda:
         for arch in archs:
-            rows += [r for r in cuda_rows(arch) if not ops or r["op"] in ops]
+            rows += cuda_rows(arch, ops)
     return {"rows": rows, "variants": len(_VARIANTS), "launches": len(launches),
-            "configs": configs, "pickable": sum(len(v.configs) for v in _VARIANTS),
-            "pruned": sum(len(v.all_configs) - len(v.configs) for v in _VARIANTS),
+            "configs": configs, "pickable": sum(len(v.configs(a)) for v in _VARIANTS for a in archs),
+            "pruned": sum(len(v.all_configs) - len(v.configs(a)) for v in _VARIANTS for a in archs),
             "capture_s": captured - start, "compile_s": time.perf_counter() - captured}
 
 

@@ -22,6 +22,8 @@ import os
 import triton
 import triton.language as tl
 
+from . import target
+
 # ACTIVATION and SAVE take the codes of fastdl.backends.common (ACTIVATION_CODES, SAVE_KIND).
 
 
@@ -116,6 +118,10 @@ KERNEL_LISTS = {
        for name, tiles in _BWD_WEIGHT.items()},
 }
 
+# Tiles that spill on the A100 (and every compute capability 8.x GPU: mma.sync holds operand
+# fragments in registers), by (kernel, list): dropped from the list there (target.py).
+SM80_SPILLS: dict = {}
+
 
 def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     """The config list a launch picks from: its operand precision and, where it matters, whether its
@@ -133,9 +139,13 @@ def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     return precision + (" heavy" if heavy else "")
 
 
-def config_tiles(kernel: str, name: str) -> tuple:
-    """The tiles of list `name` for `kernel`, its default first."""
-    return KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
+def config_tiles(kernel: str, name: str, capability: tuple[int, int] | None = None) -> tuple:
+    """The tiles of list `name` for `kernel` on a GPU of `capability` (None: the whole list, what
+    the interpreter runs), its default first."""
+    tiles = KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
+    if target.is_sm80_class(capability):
+        tiles = _without(tiles, *SM80_SPILLS.get((kernel, name), {}))
+    return tiles
 
 
 def _config(reduction_block: str, tile) -> triton.Config:
@@ -174,7 +184,8 @@ def _pruner(kernel: str):
     def early_config_prune(configs, named_args, **kwargs):
         """Autotuner.prune_configs: the configs of this launch's list, in the list's order; only the
         first of them where autotuning is off (the interpreter, FASTDL_AUTOTUNE=0)."""
-        tiles = config_tiles(kernel, config_list_name(kernel, named_args, kwargs))
+        tiles = config_tiles(kernel, config_list_name(kernel, named_args, kwargs),
+                             target.capability(named_args[KERNELS[kernel][1]]))
         picked = [c for t in tiles for c in configs if tile_of(c, kernel) == t]
         if not picked:  # configs pinned by a test (or by hand) that no list holds: keep them
             return configs
