@@ -26,7 +26,7 @@
 // and adds grad_out where the window's saved tap (or flat index) is this element. No atomics; the
 // order is fixed (deterministic); sums in Acc (float, double for double), rounded once.
 //
-// All offsets are long long. Entry points are templates over the element type (__half,
+// All offsets are long long; coordinates within an image are 32-bit. Entry points are templates over the element type (__half,
 // __nv_bfloat16, float, double), instantiated through name expressions ("max_pool2d_fwd<float>");
 // the layout and what is saved are runtime arguments, uniform over the grid.
 
@@ -87,9 +87,7 @@ template <int LANES, typename T>
 __device__ __forceinline__ void store_lanes(T* p, const Lanes<T, LANES>& v) {
 #ifdef __CUDACC__
     if constexpr (sizeof(Lanes<T, LANES>) == 16) {
-        uint4 bits;
-        memcpy(&bits, &v, sizeof(bits));
-        __stwb(reinterpret_cast<uint4*>(p), bits);
+        __stwb(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&v));  // Lanes is 16-byte aligned
         return;
     }
 #endif
@@ -110,51 +108,51 @@ __device__ __forceinline__ Lanes<unsigned char, LANES> load_taps(const unsigned 
     return *reinterpret_cast<const Lanes<unsigned char, LANES>*>(p);
 }
 
-// The pixel and first channel of thread item i (see the file comment for the orders).
+// The channel and pixel of thread item i of one image (see the file comment for the orders).
+// 32-bit: an image's items, its sizes and the pooling geometry fit (the launcher checks), and
+// 64-bit division is a called subroutine (one per item and per tap cost spills); the offsets
+// these make, times the strides, are 64-bit.
 struct Item {
-    long long n, c, y, x;
+    int c, y, x;
 };
 
-__device__ __forceinline__ Item item(long long i, long long groups, int lanes, long long C, long long Y, long long X,
+__device__ __forceinline__ Item item(unsigned i, unsigned groups, int lanes, unsigned C, unsigned Y, unsigned X,
                                      int channels_inner) {
     Item it;
     if (channels_inner) {
-        it.c = (i % groups) * lanes;
-        const long long pix = i / groups;
-        it.x = pix % X;
-        it.y = (pix / X) % Y;
-        it.n = pix / X / Y;
+        it.c = int(i % groups) * lanes;
+        const unsigned pix = i / groups;
+        it.x = int(pix % X);
+        it.y = int(pix / X);
     } else {
-        it.x = i % X;
-        it.y = (i / X) % Y;
-        it.c = (i / X / Y) % C;
-        it.n = i / X / Y / C;
+        it.x = int(i % X);
+        it.y = int(i / X % Y);
+        it.c = int(i / X / Y);
     }
     return it;
 }
 
 template <int LANES, typename T>
 __device__ __forceinline__ void pool_window(
-    const T* __restrict__ input, T* __restrict__ out, void* __restrict__ saved, const Item& it,
-    long long H, long long W,
+    const T* __restrict__ input, T* __restrict__ out, void* __restrict__ saved, long long n, const Item& it,
+    int H, int W,
     long long stride_xn, long long stride_xc, long long stride_xh, long long stride_xw,
     long long stride_on, long long stride_oc, long long stride_op, long long stride_oq,
-    long long KH, long long KW, long long stride_h, long long stride_w, long long pad_h, long long pad_w,
-    long long dil_h, long long dil_w, int save)
+    int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int save)
 {
     typedef typename Accumulator<T>::type Acc;
-    const long long h0 = it.y * stride_h - pad_h, w0 = it.x * stride_w - pad_w;
-    const T* x = input + it.n * stride_xn + it.c * stride_xc;
+    const int h0 = it.y * stride_h - pad_h, w0 = it.x * stride_w - pad_w;
+    const T* x = input + n * stride_xn + it.c * stride_xc;
     Acc best[LANES];
-    T best_raw[LANES];
+    Lanes<T, LANES> result;  // the chosen elements themselves (their NaN payloads, their signs)
     int tap[LANES];
 #pragma unroll
-    for (int j = 0; j < LANES; ++j) { best[j] = neg_inf<Acc>(); best_raw[j] = from_acc<T>(best[j]); tap[j] = -1; }
-    for (long long r = 0; r < KH; ++r) {
-        const long long h = h0 + r * dil_h;
+    for (int j = 0; j < LANES; ++j) { best[j] = neg_inf<Acc>(); result.v[j] = from_acc<T>(best[j]); tap[j] = -1; }
+    for (int r = 0; r < KH; ++r) {
+        const int h = h0 + r * dil_h;
         if (h < 0 || h >= H) continue;
-        for (long long s = 0; s < KW; ++s) {
-            const long long w = w0 + s * dil_w;
+        for (int s = 0; s < KW; ++s) {
+            const int w = w0 + s * dil_w;
             if (w < 0 || w >= W) continue;
             const Lanes<T, LANES> v = load_lanes<LANES>(x + h * stride_xh + w * stride_xw, stride_xc);
 #pragma unroll
@@ -163,16 +161,13 @@ __device__ __forceinline__ void pool_window(
                 // torch's rule: the first in-bounds tap, anything greater, any NaN (a != a).
                 if (tap[j] < 0 || a > best[j] || a != a) {
                     best[j] = a;
-                    best_raw[j] = v.v[j];
-                    tap[j] = int(r * KW + s);
+                    result.v[j] = v.v[j];
+                    tap[j] = r * KW + s;
                 }
             }
         }
     }
-    const long long o = it.n * stride_on + it.c * stride_oc + it.y * stride_op + it.x * stride_oq;
-    Lanes<T, LANES> result;
-#pragma unroll
-    for (int j = 0; j < LANES; ++j) result.v[j] = best_raw[j];
+    const long long o = n * stride_on + it.c * stride_oc + it.y * stride_op + it.x * stride_oq;
     store_lanes<LANES>(out + o, result);
     if (save == SAVE_POS) {
         store_taps<LANES>(static_cast<unsigned char*>(saved) + o, tap);
@@ -180,65 +175,66 @@ __device__ __forceinline__ void pool_window(
         long long* index = static_cast<long long*>(saved) + o;
 #pragma unroll
         for (int j = 0; j < LANES; ++j)
-            index[j * stride_oc] = (h0 + tap[j] / KW * dil_h) * W + (w0 + tap[j] % KW * dil_w);
+            index[j * stride_oc] = (long long)(h0 + tap[j] / KW * dil_h) * W + (w0 + tap[j] % KW * dil_w);
     }
 }
 
 template <int LANES, typename T>
 __device__ __forceinline__ void gather_windows(
-    const T* __restrict__ grad_out, const void* __restrict__ saved, T* __restrict__ grad_input, const Item& it,
-    long long H, long long W, long long P, long long Q,
+    const T* __restrict__ grad_out, const void* __restrict__ saved, T* __restrict__ grad_input, long long n,
+    const Item& it, int W, int P, int Q,
     long long stride_gn, long long stride_gc, long long stride_gp, long long stride_gq,
     long long stride_sn, long long stride_sc, long long stride_sp, long long stride_sq,
     long long stride_in, long long stride_ic, long long stride_ih, long long stride_iw,
-    long long KH, long long KW, long long stride_h, long long stride_w, long long pad_h, long long pad_w,
-    long long dil_h, long long dil_w, int save_index)
+    int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int save_index)
 {
     typedef typename Accumulator<T>::type Acc;
-    const long long here = it.y * W + it.x;  // this element's flat index, as torch's indices hold it
-    const T* g = grad_out + it.n * stride_gn + it.c * stride_gc;
-    const long long s_base = it.n * stride_sn + it.c * stride_sc;
+    const long long here = (long long)it.y * W + it.x;  // this element's flat index, as torch's indices hold it
+    const T* g = grad_out + n * stride_gn + it.c * stride_gc;
+    const long long s_base = n * stride_sn + it.c * stride_sc;
     Acc acc[LANES];
 #pragma unroll
     for (int j = 0; j < LANES; ++j) acc[j] = Acc(0);
-    for (long long r = 0; r < KH; ++r) {
-        const long long p_num = it.y + pad_h - r * dil_h;
-        if (p_num < 0 || p_num % stride_h != 0 || p_num / stride_h >= P) continue;
-        const long long p = p_num / stride_h;
-        for (long long s = 0; s < KW; ++s) {
-            const long long q_num = it.x + pad_w - s * dil_w;
-            if (q_num < 0 || q_num % stride_w != 0 || q_num / stride_w >= Q) continue;
-            const long long q = q_num / stride_w;
+    for (int r = 0; r < KH; ++r) {
+        const int p_num = it.y + pad_h - r * dil_h;
+        if (p_num < 0) continue;
+        const int p = p_num / stride_h;
+        if (p * stride_h != p_num || p >= P) continue;
+        for (int s = 0; s < KW; ++s) {
+            const int q_num = it.x + pad_w - s * dil_w;
+            if (q_num < 0) continue;
+            const int q = q_num / stride_w;
+            if (q * stride_w != q_num || q >= Q) continue;
             const long long so = s_base + p * stride_sp + q * stride_sq;
-            bool hit[LANES];
-            bool any = false;
+            unsigned hits = 0;  // bit j: lane j's window chose this element
             if (save_index) {
                 const long long* index = static_cast<const long long*>(saved) + so;
 #pragma unroll
-                for (int j = 0; j < LANES; ++j) { hit[j] = index[j * stride_sc] == here; any |= hit[j]; }
+                for (int j = 0; j < LANES; ++j) hits |= unsigned(index[j * stride_sc] == here) << j;
             } else {
                 const Lanes<unsigned char, LANES> taps = load_taps<LANES>(static_cast<const unsigned char*>(saved) + so);
+                const int tap = r * KW + s;
 #pragma unroll
-                for (int j = 0; j < LANES; ++j) { hit[j] = taps.v[j] == r * KW + s; any |= hit[j]; }
+                for (int j = 0; j < LANES; ++j) hits |= unsigned(taps.v[j] == tap) << j;
             }
-            if (!any) continue;  // grad_out is read only where it is added
+            if (!hits) continue;  // grad_out is read only where it is added
             const Lanes<T, LANES> v = load_lanes<LANES>(g + p * stride_gp + q * stride_gq, stride_gc);
 #pragma unroll
             for (int j = 0; j < LANES; ++j)
-                if (hit[j]) acc[j] += to_acc(v.v[j]);
+                if (hits >> j & 1u) acc[j] += to_acc(v.v[j]);
         }
     }
     Lanes<T, LANES> result;
 #pragma unroll
     for (int j = 0; j < LANES; ++j) result.v[j] = from_acc<T>(acc[j]);
-    store_lanes<LANES>(grad_input + it.n * stride_in + it.c * stride_ic + it.y * stride_ih + it.x * stride_iw, result);
+    store_lanes<LANES>(grad_input + n * stride_in + it.c * stride_ic + it.y * stride_ih + it.x * stride_iw, result);
 }
 
 }  // namespace pool
 
 // ---------------------------------------------------------------------------------------------
 // Entry points. Arguments: pointers, sizes, strides (in elements), then the pooling geometry and
-// flags. A grid-stride loop over the items, so any grid size is correct.
+// flags. Grid: x strides over an image's items, y over the images; any grid size is correct.
 
 // input (N, C, H, W); out (N, C, P, Q); saved (N, C, P, Q) with out's strides: uint8 taps
 // (save 1), int64 flat indices (save 2) or unwritten (save 0). packed: see the file comment.
@@ -253,20 +249,23 @@ __global__ void __launch_bounds__(POOL_THREADS) max_pool2d_fwd(
 {
     constexpr int LANES = pool::Packed<T>::lanes;
     const int lanes = packed ? LANES : 1;
-    const long long groups = C / lanes;
+    const unsigned groups = unsigned(C) / unsigned(lanes);
     const int channels_inner = packed || stride_oc == 1;
-    const long long items = N * P * Q * groups;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < items;
-         i += (long long)gridDim.x * blockDim.x) {
-        const pool::Item it = pool::item(i, groups, lanes, C, P, Q, channels_inner);
-        if (packed)
-            pool::pool_window<LANES>(input, out, saved, it, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                                     stride_on, stride_oc, stride_op, stride_oq, KH, KW, stride_h, stride_w,
-                                     pad_h, pad_w, dil_h, dil_w, save);
-        else
-            pool::pool_window<1>(input, out, saved, it, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                                 stride_on, stride_oc, stride_op, stride_oq, KH, KW, stride_h, stride_w,
-                                 pad_h, pad_w, dil_h, dil_w, save);
+    const unsigned items = unsigned(P * Q) * groups;  // per image
+    for (long long n = blockIdx.y; n < N; n += gridDim.y) {
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
+            const pool::Item it = pool::item(i, groups, lanes, unsigned(C), unsigned(P), unsigned(Q), channels_inner);
+            if (packed)
+                pool::pool_window<LANES>(input, out, saved, n, it, int(H), int(W), stride_xn, stride_xc, stride_xh,
+                                         stride_xw, stride_on, stride_oc, stride_op, stride_oq, int(KH), int(KW),
+                                         int(stride_h), int(stride_w), int(pad_h), int(pad_w), int(dil_h), int(dil_w),
+                                         save);
+            else
+                pool::pool_window<1>(input, out, saved, n, it, int(H), int(W), stride_xn, stride_xc, stride_xh,
+                                     stride_xw, stride_on, stride_oc, stride_op, stride_oq, int(KH), int(KW),
+                                     int(stride_h), int(stride_w), int(pad_h), int(pad_w), int(dil_h), int(dil_w),
+                                     save);
+        }
     }
 }
 
@@ -284,21 +283,24 @@ __global__ void __launch_bounds__(POOL_THREADS) max_pool2d_bwd(
 {
     constexpr int LANES = pool::Packed<T>::lanes;
     const int lanes = packed ? LANES : 1;
-    const long long groups = C / lanes;
+    const unsigned groups = unsigned(C) / unsigned(lanes);
     const int channels_inner = packed || stride_ic == 1;
-    const long long items = N * H * W * groups;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < items;
-         i += (long long)gridDim.x * blockDim.x) {
-        const pool::Item it = pool::item(i, groups, lanes, C, H, W, channels_inner);
-        if (packed)
-            pool::gather_windows<LANES>(grad_out, saved, grad_input, it, H, W, P, Q,
-                                        stride_gn, stride_gc, stride_gp, stride_gq, stride_sn, stride_sc, stride_sp,
-                                        stride_sq, stride_in, stride_ic, stride_ih, stride_iw, KH, KW, stride_h,
-                                        stride_w, pad_h, pad_w, dil_h, dil_w, save_index);
-        else
-            pool::gather_windows<1>(grad_out, saved, grad_input, it, H, W, P, Q,
-                                    stride_gn, stride_gc, stride_gp, stride_gq, stride_sn, stride_sc, stride_sp,
-                                    stride_sq, stride_in, stride_ic, stride_ih, stride_iw, KH, KW, stride_h,
-                                    stride_w, pad_h, pad_w, dil_h, dil_w, save_index);
+    const unsigned items = unsigned(H * W) * groups;  // per image
+    for (long long n = blockIdx.y; n < N; n += gridDim.y) {
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
+            const pool::Item it = pool::item(i, groups, lanes, unsigned(C), unsigned(H), unsigned(W), channels_inner);
+            if (packed)
+                pool::gather_windows<LANES>(grad_out, saved, grad_input, n, it, int(W), int(P), int(Q),
+                                            stride_gn, stride_gc, stride_gp, stride_gq, stride_sn, stride_sc,
+                                            stride_sp, stride_sq, stride_in, stride_ic, stride_ih, stride_iw,
+                                            int(KH), int(KW), int(stride_h), int(stride_w), int(pad_h), int(pad_w),
+                                            int(dil_h), int(dil_w), save_index);
+            else
+                pool::gather_windows<1>(grad_out, saved, grad_input, n, it, int(W), int(P), int(Q),
+                                        stride_gn, stride_gc, stride_gp, stride_gq, stride_sn, stride_sc,
+                                        stride_sp, stride_sq, stride_in, stride_ic, stride_ih, stride_iw,
+                                        int(KH), int(KW), int(stride_h), int(stride_w), int(pad_h), int(pad_w),
+                                        int(dil_h), int(dil_w), save_index);
+        }
     }
 }

@@ -11,9 +11,11 @@ from fastdl.backends.cupy import _runtime as rt
 POOL_THREADS = 256
 PACK_BYTES = 16
 SAVE_NONE, SAVE_POS, SAVE_INDEX = 0, 1, 2
-# Blocks of a grid at most (the kernels stride over the rest): 16 per SM on a 132-SM GPU is
-# more than the 8 resident blocks of 256 threads an SM holds.
-MAX_BLOCKS = 132 * 16
+# The grid: x over an image's items, y over the images (CUDA's limit on gridDim.y; the kernels
+# stride over the rest).
+MAX_GRID_Y = 65535
+# An image's items, its sizes and the pooling geometry are 32-bit in the kernels.
+INT32_MAX = 2**31 - 1
 
 
 def lanes(dtype: torch.dtype) -> int:
@@ -37,8 +39,11 @@ def packed(C: int, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def _grid(items: int) -> int:
-    return max(1, min(MAX_BLOCKS, rt.cdiv(items, POOL_THREADS)))
+def _grid(N: int, items_per_image: int, *sizes: int) -> tuple[int, int]:
+    if items_per_image > INT32_MAX or max(sizes) > INT32_MAX:
+        raise RuntimeError(f"fastdl.max_pool2d (cupy): {items_per_image} items per image or a size of {max(sizes)} "
+                           "does not fit the kernels' 32-bit coordinates")
+    return (max(1, rt.cdiv(items_per_image, POOL_THREADS)), max(1, min(N, MAX_GRID_Y)))
 
 
 def _save_code(saved: torch.Tensor) -> int:
@@ -54,8 +59,8 @@ def max_pool2d_fwd(input, kernel_size, stride, padding, dilation, ceil_mode, out
     P, Q = out.shape[2:]
     save = _save_code(saved)
     pack = packed(C, input, out, *((saved,) if save == SAVE_POS else ()))
-    items = N * P * Q * (C // lanes(input.dtype) if pack else C)
-    rt.launch("max_pool2d_fwd", input, _grid(items), (
+    items = P * Q * (C // lanes(input.dtype) if pack else C)
+    rt.launch("max_pool2d_fwd", input, _grid(N, items, C, H, W, *kernel_size, *stride, *padding, *dilation), (
         rt.ptr(input), rt.ptr(out), rt.ptr(saved if save != SAVE_NONE else None),
         *rt.i64(N, C, H, W, P, Q, *input.stride(), *out.stride(), *kernel_size, *stride, *padding, *dilation),
         np.int32(save), np.int32(pack),
@@ -70,8 +75,8 @@ def max_pool2d_bwd(grad_out, saved, kernel_size, stride, padding, dilation, grad
     P, Q = grad_out.shape[2:]
     save_index = saved.dtype == torch.int64
     pack = packed(C, grad_input, grad_out, *(() if save_index else (saved,)))
-    items = N * H * W * (C // lanes(grad_input.dtype) if pack else C)
-    rt.launch("max_pool2d_bwd", grad_input, _grid(items), (
+    items = H * W * (C // lanes(grad_input.dtype) if pack else C)
+    rt.launch("max_pool2d_bwd", grad_input, _grid(N, items, C, H, W, *kernel_size, *stride, *padding, *dilation), (
         rt.ptr(grad_out), rt.ptr(saved), rt.ptr(grad_input),
         *rt.i64(N, C, H, W, P, Q, *grad_out.stride(), *saved.stride(), *grad_input.stride(), *kernel_size, *stride,
                 *padding, *dilation),
