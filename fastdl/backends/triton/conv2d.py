@@ -13,6 +13,7 @@ import triton
 from torch._prims_common import suggest_memory_format
 
 from fastdl.backends.common import ACTIVATION_CODES, SAVE_KIND, SAVE_MASK, SAVE_NONE
+from fastdl.backends.triton import _launch
 from fastdl.backends.triton._launch import ACC_DTYPE, interpreter_bf16, wrap_triton
 from fastdl.kernels.triton import conv2d as _k
 
@@ -22,11 +23,13 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return suggest_memory_format(t)
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    # TF32 follows the switch torch's own convolutions obey (cuDNN's; on by default).
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+def input_precision(input: torch.Tensor) -> str:
+    """TF32 for float32 follows the switch torch's own convolutions obey (cuDNN's, on by default), on
+    the GPU: torch's CPU convolutions are true float32, and so are fastdl's under the interpreter.
+    While fastdl.inspection captures launches (CPU stand-ins for GPU tensors) the flag decides."""
+    if input.dtype != torch.float32 or not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32" if input.is_cuda or _launch.launch_interceptor is not None else "ieee"
 
 
 def output_shape(input, weight, stride, padding, dilation):
@@ -75,7 +78,7 @@ def conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, activatio
         *out.stride(),
         float(negative_slope),
         HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code], FEW_CHANNELS=_few_channels(C_g),
-        ACC_DTYPE=ACC_DTYPE[input.dtype], INPUT_PRECISION=input_precision(input.dtype),
+        ACC_DTYPE=ACC_DTYPE[input.dtype], INPUT_PRECISION=input_precision(input),
     )
     return out, saved
 
@@ -109,7 +112,7 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
     kind = SAVE_KIND[code]
     s = grad_out if code == 0 else (out if kind == SAVE_NONE else saved)
     acc_dtype = ACC_DTYPE[input.dtype]
-    precision = input_precision(input.dtype)
+    precision = input_precision(input)
     geometry = (N, C_g, H, W, K_g, P, Q, R, S, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
     grad_input = grad_weight = grad_bias = None
     if needs_input_grad:
