@@ -23,7 +23,9 @@ torch   The same forward and backward written with torch ops (F.linear + activat
         out= arguments). Two ops read less than their inputs and are counted by what they read:
         nll_loss's forward gathers one element per row of log-probabilities, its backward never
         reads them (it zero-fills grad_input and scatters into it); counting their whole inputs
-        would credit fastdl with passes torch does not make.
+        would credit fastdl with passes torch does not make. max_pool2d_with_indices_backward
+        likewise takes the input for its shape only (its CUDA kernels read grad_output and the
+        indices, never the input's values).
 floor   Every tensor the computation consumes read once and every tensor it produces written
         once, nothing saved in between:
           forward           inputs + outputs
@@ -116,6 +118,9 @@ def aten_op_bytes(func, args, kwargs, out) -> int:
         read_bytes = target.numel() * self_.element_size()  # one gathered log-probability per row
     elif func in (aten.nll_loss_backward.default, aten.nll_loss2d_backward.default):
         read.pop(_key(args[1]), None)  # `self` gives the shape only
+        read_bytes = 0
+    elif func == aten.max_pool2d_with_indices_backward.default:
+        read.pop(_key(args[1]), None)  # `self` gives the shape only (the kernels gather by the indices)
         read_bytes = 0
     else:
         read_bytes = 0
@@ -430,6 +435,26 @@ def linear_cross_entropy_case(N: int, H: int, V: int, dtype: torch.dtype, chunk_
                 lambda x, w, target: F.cross_entropy(F.linear(x, w), target))
 
 
+def max_pool2d_case(N: int, C: int, H: int, W: int, dtype: torch.dtype, channels_last: bool = True) -> Case:
+    """ResNet's stem pool (3x3, stride 2, padding 1). torch saves an int64 index per output for
+    backward; fastdl a one-byte window tap."""
+    import fastdl
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        x = _randn(N, C, H, W, dtype=dtype, generator=g, requires_grad=False)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = x.to(memory_format=fmt).requires_grad_()
+        P, Q = (H - 1) // 2 + 1, (W - 1) // 2 + 1
+        grad = _randn(N, C, P, Q, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+        return (x,), grad
+
+    layout = "channels_last" if channels_last else "NCHW"
+    return Case("max_pool2d", f"{N}x{C}x{H}x{W} 3x3/2 pad 1 {layout}", dtype, make,
+                lambda x: fastdl.functional.max_pool2d(x, 3, 2, 1),
+                lambda x: F.max_pool2d(x, 3, 2, 1))
+
+
 @contextlib.contextmanager
 def _environ(name: str, value: Optional[str]):
     before = os.environ.get(name)
@@ -452,6 +477,8 @@ def default_cases() -> list[Case]:
     cases += [linear_cross_entropy_case(128, 256, 4000, dtype) for dtype in (torch.float32, torch.bfloat16)]
     # One chunk above; four here: what linear_cross_entropy's chunking costs per chunk.
     cases.append(linear_cross_entropy_case(128, 256, 4000, torch.bfloat16, chunk_rows=32))
+    cases += [max_pool2d_case(4, 64, 32, 32, dtype, channels_last)
+              for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False))]
     return cases
 
 
