@@ -127,7 +127,7 @@ def test_block_sizes():
     assert pool_kernels.blocks(70, True) == (32, 64)
     assert pool_kernels.blocks(16, True) == (128, 16)
     assert pool_kernels.blocks(3, True) == (512, 4)
-    assert pool_kernels.blocks(64, False) == (2048, 1)
+    assert pool_kernels.blocks(64, False) == (1024, 1)
 
 
 def test_reference_backend_matches_reference():

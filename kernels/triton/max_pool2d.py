@@ -47,9 +47,16 @@ NUM_WARPS = 4
 MAX_BLOCK_C = 64
 
 
+# NCHW's tiles are single elements of (n, c, p, q), each with its own int64 row arithmetic
+# (divisions by Q, P and C): 1024 of them over 4 warps (8 a thread) keep that in registers.
+NCHW_TILE = 1024
+
+
 def blocks(C: int, channels_tile: bool) -> tuple[int, int]:
     """(BLOCK_PIX, BLOCK_C): channels_last takes up to MAX_BLOCK_C channels a tile, NCHW one."""
-    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(C)) if channels_tile else 1
+    if not channels_tile:
+        return NCHW_TILE, 1
+    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(C))
     return TILE // block_c, block_c
 
 
