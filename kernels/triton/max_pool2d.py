@@ -28,8 +28,9 @@ windows with no in-bounds tap at all.) The value stored is the chosen element it
 Backward is a gather, deterministic and free of atomics: each input element (h, w) visits the
 KH x KW windows that could have chosen it, p = (h + pad_h - r * dil_h) / stride_h when that
 divides exactly and 0 <= p < P (likewise q), reads their saved tap (or flat index) and adds
-grad_out where the window chose this very tap. grad_out is loaded only where it is added, so
-each grad_out element is read once overall; the saved bytes are re-read by neighbours from cache.
+grad_out where the window chose this very tap. A window's saved taps and grad_out are read by
+each element it covers (16-byte loads under the window's mask, selected by the hit after): once
+from memory, the repeats from cache.
 Sums are in ACC_DTYPE (float32; float64 for float64), rounded once.
 
 Offsets are int64 (pixel and tap offsets times strides); the flattened pixel index is int32
@@ -177,7 +178,11 @@ def _max_pool2d_bwd(
                 hit = ok & (chosen == here)
             else:
                 hit = ok & (chosen.to(tl.int32) == r * KW + s)
-            acc += tl.load(grad_out_ptr + pq_g + g_chan, mask=hit, other=0.0).to(ACC_DTYPE)
+            # Loaded under the window's mask (constant along the channels: 16-byte loads), not the
+            # per-element hit mask (scalar loads); the distinct bytes read are the same, the
+            # repeats come from cache.
+            g = tl.load(grad_out_ptr + pq_g + g_chan, mask=ok, other=0.0).to(ACC_DTYPE)
+            acc += tl.where(hit, g, 0.0)
 
     i_off = (n * stride_in + c_row * stride_ic + h.to(tl.int64) * stride_ih + w.to(tl.int64) * stride_iw)[:, None] \
         + (c.to(tl.int64) * stride_ic)[None, :]
