@@ -27,11 +27,13 @@ CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.fl
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate")
 CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows")
+MAX_POOL2D_KERNELS = ("max_pool2d_fwd", "max_pool2d_bwd")
 # Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
 NAME_EXPRESSIONS = {
     stem: tuple(f"{kernel}<{CUDA_TYPES[precision]}>" for kernel in kernels for precision in precisions)
     for stem, kernels, precisions in (("linear", LINEAR_KERNELS, (*DTYPES, TF32)),
-                                      ("cross_entropy", CROSS_ENTROPY_KERNELS, DTYPES))
+                                      ("cross_entropy", CROSS_ENTROPY_KERNELS, DTYPES),
+                                      ("max_pool2d", MAX_POOL2D_KERNELS, DTYPES))
 }
 # Per source stem: the sources compiled before it in the same module (cross_entropy.cu uses
 # linear.cu's element types).
