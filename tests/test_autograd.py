@@ -276,7 +276,7 @@ def test_zero_fill_counter_sees_autograds_materialized_gradients():
 def _torch_entry_cases():
     x, w, b = make_tensor((4, 3), F64, seed=1), make_tensor((5, 3), F64, seed=2), make_tensor((5,), F64, seed=3)
     t = torch.tensor([0, 4, -100, 2])
-    lin, ce, lce = (ops.get(name, "torch") for name in ops.OP_NAMES)
+    lin, ce, lce = (ops.get(name, "torch") for name in ("linear", "cross_entropy", "linear_cross_entropy"))
     return {
         # name: (fastdl's "torch" entry as f(x, w) -> tensor, torch's own, x, w)
         "linear": (lambda x, w: lin(x, w, b, "gelu", 0.01)[0], lambda x, w: F.gelu(F.linear(x, w, b)), x, w),
@@ -336,7 +336,7 @@ def test_ops_get_defines_each_op_once_and_rejects_unknown_names():
             assert op is ops.get(name, backend)
             assert hasattr(torch.ops.fastdl, f"{name}_{backend}")
     with pytest.raises(ValueError, match="unknown op"):
-        ops.get("conv2d", "triton")
+        ops.get("conv3d", "triton")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.get("linear", "numpy")
 
