@@ -151,14 +151,19 @@ def _gpu_sized_splits(sms: int = H100_SMS):
     has not: choose it as for a CUDA tensor on an H100."""
     from fastdl.backends.triton import linear as launcher
 
+    from fastdl.backends.triton import conv2d as conv_launcher
+
     original = launcher._grad_weight_splits
+    conv_original = conv_launcher._grad_weight_splits
     props = torch.cuda.get_device_properties
     launcher._grad_weight_splits = lambda M, N, K, device: original(M, N, K, torch.device("cuda"))
+    conv_launcher._grad_weight_splits = lambda M, tiles, device: conv_original(M, tiles, torch.device("cuda"))
     torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(multi_processor_count=sms)
     try:
         yield
     finally:
         launcher._grad_weight_splits = original
+        conv_launcher._grad_weight_splits = conv_original
         torch.cuda.get_device_properties = props
 
 
@@ -207,6 +212,48 @@ def _max_pool2d(shape, dtype, channels_last, return_indices=False):
     torch.autograd.grad(out, [x], torch.empty(out.shape, dtype=dtype, memory_format=fmt))
 
 
+# ResNet-50's convolutions at batch 32: (label, input (N, C, H, W), weight (K, C, R, S), stride, padding).
+CONV2D_LAYERS = (
+    ("stem 7x7/2", (32, 3, 224, 224), (64, 3, 7, 7), 2, 3),
+    ("3x3 stage1", (32, 64, 56, 56), (64, 64, 3, 3), 1, 1),
+    ("3x3/2 stage2", (32, 128, 56, 56), (128, 128, 3, 3), 2, 1),
+    ("1x1 reduce stage1", (32, 256, 56, 56), (64, 256, 1, 1), 1, 0),
+    ("1x1/2 downsample stage2", (32, 256, 56, 56), (512, 256, 1, 1), 2, 0),
+    ("1x1 expand stage4", (32, 512, 7, 7), (2048, 512, 1, 1), 1, 0),
+)
+
+
+def _conv2d(input_shape, weight_shape, stride, padding, dtype, channels_last, activation):
+    from fastdl import ops
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(input_shape, dtype=dtype, memory_format=fmt).requires_grad_()
+    w = torch.empty(weight_shape, dtype=dtype, memory_format=fmt).requires_grad_()
+    b = _empty(weight_shape[0], dtype=dtype, requires_grad=True)
+    out, _ = ops.get("conv2d", "triton")(x, w, b, [stride] * 2, [padding] * 4, [1, 1], 1, activation or "none", 0.01)
+    torch.autograd.grad(out, [x, w, b], torch.empty(out.shape, dtype=dtype, memory_format=fmt))
+
+
+def _conv2d_cases() -> list:
+    """ResNet-50's layers with relu fused in each tensor-core precision and layout (weights in the
+    input's layout, as model.to(memory_format=...) leaves them); the 3x3 also without an epilogue
+    and with a heavy one (gelu, and its prologue in the backward kernels); fp32 and fp64 on the stem
+    and the 3x3. Each case is its own compile (its channel counts, kernel size, stride and tensor
+    strides are specialized), so the list is kept to the layers that differ in those."""
+    out = []
+    for name, dtype, tf32 in PRECISIONS:
+        layers = CONV2D_LAYERS if name in ("fp16", "bf16", "tf32") else CONV2D_LAYERS[:2]
+        for layout, channels_last in (("channels_last", True), ("NCHW", False)):
+            runs = [(layer, "relu") for layer in layers]
+            if name in ("fp16", "bf16", "tf32"):
+                runs += [(CONV2D_LAYERS[1], None), (CONV2D_LAYERS[1], "gelu")]
+            for (label, x_shape, w_shape, stride, padding), activation in runs:
+                out.append(("conv2d", f"conv2d {name} {layout} {activation or 'none'} {label}", tf32,
+                            lambda x=x_shape, w=w_shape, s=stride, p=padding, d=dtype, c=channels_last,
+                            a=activation: _conv2d(x, w, s, p, d, c, a)))
+    return out
+
+
 def cases() -> list[tuple[str, str, object]]:
     """(op, case label, TF32 on, a function that runs it): every launch fastdl inspect compiles."""
     out = []
@@ -246,6 +293,7 @@ def cases() -> list[tuple[str, str, object]]:
         # return_indices: torch's int64 indices saved instead of the one-byte taps.
         out.append(("max_pool2d", f"max_pool2d {name} channels_last return_indices 3x3/2 pad 1 32x64x112x112", False,
                     lambda d=dtype: _max_pool2d(MAX_POOL2D_SHAPES[0], d, True, return_indices=True)))
+    out += _conv2d_cases()
     return out
 
 
@@ -263,6 +311,7 @@ def capture(ops: list[str] | None = None, only: list[str] | None = None) -> list
     current = [""]
     interceptor = _Interceptor(lambda: current[0])
     tf32_before = torch.backends.cuda.matmul.allow_tf32
+    conv_tf32_before = torch.backends.cudnn.allow_tf32  # conv2d's TF32 switch, as torch's convolutions'
     _launch.launch_interceptor = interceptor
     try:
         with _gpu_sized_splits():
@@ -271,10 +320,12 @@ def capture(ops: list[str] | None = None, only: list[str] | None = None) -> list
                     continue
                 current[0] = label
                 torch.backends.cuda.matmul.allow_tf32 = tf32
+                torch.backends.cudnn.allow_tf32 = tf32
                 run()
     finally:
         _launch.launch_interceptor = None
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
+        torch.backends.cudnn.allow_tf32 = conv_tf32_before
     return interceptor.launches
 
 

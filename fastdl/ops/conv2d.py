@@ -55,11 +55,11 @@ def torch_composite(input: Tensor, weight: Tensor, bias: Optional[Tensor], strid
 def _fake_outputs(input, weight, stride, padding, dilation, activation):
     shape = output_shape(input, weight, stride, padding, dilation)
     fmt = suggest_memory_format(input)
-    out = input.new_empty(shape).contiguous(memory_format=fmt)
+    out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
     if activation in ("relu", "leaky_relu"):
-        return out, input.new_empty(shape, dtype=torch.uint8).contiguous(memory_format=fmt)
+        return out, torch.empty(shape, dtype=torch.uint8, device=input.device, memory_format=fmt)
     if activation in ("gelu", "gelu_tanh", "silu"):
-        return out, input.new_empty(shape).contiguous(memory_format=fmt)
+        return out, torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
     return out, input.new_empty((0,))
 
 
@@ -84,10 +84,10 @@ def define_op(backend: str):
     def conv2d_backward_fake(grad_out, input, weight, bias, saved, out, stride, padding, dilation, groups, activation,
                              negative_slope, needs_input_grad, needs_weight_grad, needs_bias_grad):
         empty = input.new_empty((0,))
-        return (input.new_empty(input.shape).contiguous(memory_format=suggest_memory_format(input))
-                if needs_input_grad else empty,
-                weight.new_empty(weight.shape).contiguous(memory_format=suggest_memory_format(weight))
-                if needs_weight_grad else empty,
+        like = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device,  # noqa: E731
+                                     memory_format=suggest_memory_format(t))
+        return (like(input) if needs_input_grad else empty,
+                like(weight) if needs_weight_grad else empty,
                 weight.new_empty((weight.shape[0],)) if needs_bias_grad else empty)
 
     fwd = define("conv2d", backend, conv2d, conv2d_fake)

@@ -139,11 +139,22 @@ def _autotune(kernel: str, key: list, **kwargs):
                            prune_configs_by={"early_config_prune": _pruner(kernel)}, **kwargs)
 
 
+# Sizes that only bound masks and index arithmetic are not specialized (divisibility by 16, == 1):
+# one binary serves every batch size and image size. Channel counts, kernel sizes, strides and the
+# tensors' strides stay specialized: they decide the 16-byte alignment of the operand rows and fold
+# 1x1 kernels and unit strides.
+_GEOMETRY = ["N", "H", "W", "P", "Q", "pad_h", "pad_w", "dil_h", "dil_w"]
+
+
+def _jit(fn):
+    return triton.jit(fn, do_not_specialize=_GEOMETRY)
+
+
 # --- forward ----------------------------------------------------------------------------------------
 
 @_autotune("conv2d_fwd", key=["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w",
                               "ACTIVATION", "HAS_BIAS", "FEW_CHANNELS", "INPUT_PRECISION"])
-@triton.jit
+@_jit
 def _conv2d_fwd(
     x_ptr, w_ptr, bias_ptr, out_ptr, saved_ptr,  # x (N, C, H, W), w (K, C_g, R, S), bias (K,), out/saved (N, K, P, Q)
     N, C_g, H, W, K_g, P, Q, R, S,
@@ -224,7 +235,7 @@ def _conv2d_fwd(
 
 @_autotune("conv2d_bwd_input", key=["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w",
                                     "ACTIVATION", "INPUT_PRECISION"])
-@triton.jit
+@_jit
 def _conv2d_bwd_input(
     grad_out_ptr, saved_ptr, w_ptr, grad_input_ptr,  # grad_out/saved (N, K, P, Q), w (K, C_g, R, S), grad_input (N, C, H, W)
     N, C_g, H, W, K_g, P, Q, R, S,
@@ -296,7 +307,7 @@ def _conv2d_bwd_input(
 
 @_autotune("conv2d_bwd_weight", key=["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w",
                                      "ACTIVATION", "HAS_BIAS", "FEW_CHANNELS", "INPUT_PRECISION"])
-@triton.jit
+@_jit
 def _conv2d_bwd_weight(
     grad_out_ptr, saved_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,
     N, C_g, H, W, K_g, P, Q, R, S,

@@ -46,12 +46,13 @@ def conv2d_outputs(input, weight, stride, padding, dilation, activation):
     code = ACTIVATION_CODES[activation]
     shape = output_shape(input, weight, stride, padding, dilation)
     fmt = memory_format(input)
-    out = torch.empty(shape, device=input.device, dtype=input.dtype).contiguous(memory_format=fmt)
+    out = torch.empty(shape, device=input.device, dtype=input.dtype, memory_format=fmt)
     kind = SAVE_KIND[code]
     if kind == SAVE_NONE:
         return code, out, input.new_empty((0,)), False
-    saved = torch.empty(shape, device=input.device, dtype=torch.uint8 if kind == SAVE_MASK else input.dtype)
-    return code, out, saved.contiguous(memory_format=fmt), True
+    saved = torch.empty(shape, device=input.device, dtype=torch.uint8 if kind == SAVE_MASK else input.dtype,
+                        memory_format=fmt)
+    return code, out, saved, True
 
 
 def _few_channels(C_g: int) -> bool:
