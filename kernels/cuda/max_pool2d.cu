@@ -35,6 +35,13 @@
 
 // Threads per block; the launcher's POOL_THREADS.
 #define POOL_THREADS 256
+// At least 4 blocks per SM: at most 64 registers a thread. Without a minimum, ptxas chased full
+// occupancy (32 registers at 2048 threads per SM) and spilled the per-item coordinates when a
+// kernel needed a few more: max_pool2d_bwd<double> took 32 registers and 24 B of stack on sm_90
+// (16 B on sm_80), and small source changes tipped other instantiations over the same cliff. With
+// the bound every instantiation takes 40-52 registers and no stack (4-6 blocks of 256 per SM,
+// plenty for 16-byte loads in flight). A minimum of 6 (40 registers) spills half and bfloat16.
+#define POOL_MIN_BLOCKS 4
 #define PACK_BYTES 16
 #define SAVE_NONE 0
 #define SAVE_POS 1
@@ -239,7 +246,7 @@ __device__ __forceinline__ void gather_windows(
 // input (N, C, H, W); out (N, C, P, Q); saved (N, C, P, Q) with out's strides: uint8 taps
 // (save 1), int64 flat indices (save 2) or unwritten (save 0). packed: see the file comment.
 template <typename T>
-__global__ void __launch_bounds__(POOL_THREADS) max_pool2d_fwd(
+__global__ void __launch_bounds__(POOL_THREADS, POOL_MIN_BLOCKS) max_pool2d_fwd(
     const T* __restrict__ input, T* __restrict__ out, void* __restrict__ saved,
     long long N, long long C, long long H, long long W, long long P, long long Q,
     long long stride_xn, long long stride_xc, long long stride_xh, long long stride_xw,
@@ -272,7 +279,7 @@ __global__ void __launch_bounds__(POOL_THREADS) max_pool2d_fwd(
 // grad_out (N, C, P, Q); saved (N, C, P, Q): uint8 taps or int64 flat indices (save_index);
 // grad_input (N, C, H, W), every element written once.
 template <typename T>
-__global__ void __launch_bounds__(POOL_THREADS) max_pool2d_bwd(
+__global__ void __launch_bounds__(POOL_THREADS, POOL_MIN_BLOCKS) max_pool2d_bwd(
     const T* __restrict__ grad_out, const void* __restrict__ saved, T* __restrict__ grad_input,
     long long N, long long C, long long H, long long W, long long P, long long Q,
     long long stride_gn, long long stride_gc, long long stride_gp, long long stride_gq,
