@@ -5,16 +5,19 @@
 //
 //   tc::matmul<In, SumRows>(acc, smem, row0, col0, rows, cols, reduction, a, b, row_partial)
 //                                      the main loop: acc += A B, this warp's share in fragments
+//   tc::matmul_segments<In, SumRows>(..., segments, length, a, b, row_partial)
+//                                      the same over a reduction of `segments` runs of `length`
+//                                      (conv2d: kernel positions x channels), as nested loops
 //   tc::row_sums<In>(...)              A's row sums (a bias gradient), deterministic
 //   tc::stage(acc, staged, pitch)      fragments -> a row-major tile in shared memory, from which
 //                                      the caller's epilogue reads runs of a row
 //   tc::load_run / tc::store_run       an epilogue's global accesses, 16 bytes at a time where a
 //                                      row is contiguous and 16-byte aligned (aligned_rows)
 //
-// For conv2d (implicit GEMM): A = the im2col view of the input (rows: (n, oh, ow), reduction:
-// (c, kh, kw) or, channels last, (kh, kw, c)), B = the filters; its loaders compute addresses
+// For conv2d (implicit GEMM, kernels/cuda/conv2d.cu): A = the im2col view of the input (rows:
+// (n, oh, ow), reduction: (kh, kw, c), c fastest), B = the filters; its loaders compute addresses
 // (and zeros for padding) in element() / chunk(); the tile, the fragments and the epilogue
-// staging are unchanged.
+// staging are unchanged. matmul_segments walks (kh, kw) and the channel blocks as nested loops.
 //
 // In is the tensor-core input type: __half, __nv_bfloat16 (mma.m16n8k16, f32 accumulate) or
 // tc::tf32 (float32 storage rounded with cvt.rna.tf32.f32, mma.m16n8k8). The fragment layouts
@@ -406,6 +409,28 @@ __device__ __forceinline__ void load_b(FragB (&b)[NI], const typename Input<In>:
 
 // ---- The main loop ---------------------------------------------------------------------------------
 
+// One reduction step's mma run over the staged tiles: acc += A[:, step] @ B[step, :], this warp's
+// 32 x 16 share, MMA_K reduction indices an mma.
+template <typename In>
+__device__ __forceinline__ void mma_step(FragC (&acc)[MI][NI], const typename Input<In>::storage* a_tile,
+                                         const typename Input<In>::storage* b_tile, bool a_red, bool b_red) {
+    const int warp = threadIdx.x / 32;
+    const int warp_row = (warp / WARPS_PER_ROW) * WARP_ROWS, warp_col = (warp % WARPS_PER_ROW) * WARP_COLS;
+#pragma unroll
+    for (int k = 0; k < Tile<In>::RED; k += Input<In>::MMA_K) {
+        FragA fa[MI];
+        FragB fb[NI];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) load_a<In>(fa[mi], a_tile, a_red, warp_row + mi * 16, k);
+        load_b<In>(fb, b_tile, b_red, warp_col, k);
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) mma<In>(acc[mi][ni], fa[mi], fb[ni]);
+    }
+}
+
+
 // acc (zeroed by the caller) += A[row0:row0+64, :] @ B[:, col0:col0+64] over the whole reduction,
 // this warp's 32 x 16 share in mma fragments. `smem`: Tile<In>::SHARED_BYTES, 16-byte aligned.
 // SumRows: row_partial gathers A's values (as the loader returned them, before rounding to In)
@@ -422,8 +447,6 @@ __device__ __forceinline__ void matmul(FragC (&acc)[MI][NI], void* smem, long lo
     S* b_tile = a_tile + T::OPERAND_ELEMS;
     const bool a_red = a.red_contiguous(), b_red = b.red_contiguous();
     const bool a_vec = a.vector(), b_vec = b.vector();
-    const int warp = threadIdx.x / 32;
-    const int warp_row = (warp / WARPS_PER_ROW) * WARP_ROWS, warp_col = (warp % WARPS_PER_ROW) * WARP_COLS;
     float a_next[T::CHUNK], b_next[T::CHUNK], unused[T::CHUNK];
     if (reduction > 0) {
         fetch<In, SumRows>(a, a_red, a_vec, row0, 0, rows, reduction, a_next, row_partial);
@@ -437,19 +460,60 @@ __device__ __forceinline__ void matmul(FragC (&acc)[MI][NI], void* smem, long lo
             fetch<In, SumRows>(a, a_red, a_vec, row0, red0 + T::RED, rows, reduction, a_next, row_partial);
             fetch<In, false>(b, b_red, b_vec, col0, red0 + T::RED, cols, reduction, b_next, unused);
         }
-#pragma unroll
-        for (int k = 0; k < T::RED; k += Input<In>::MMA_K) {
-            FragA fa[MI];
-            FragB fb[NI];
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi) load_a<In>(fa[mi], a_tile, a_red, warp_row + mi * 16, k);
-            load_b<In>(fb, b_tile, b_red, warp_col, k);
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < NI; ++ni) mma<In>(acc[mi][ni], fa[mi], fb[ni]);
-        }
+        mma_step<In>(acc, a_tile, b_tile, a_red, b_red);
         __syncthreads();  // everyone has read the tiles before the next step overwrites them
+    }
+}
+
+// acc += A @ B over a reduction made of `segments` runs of `length` indices each, walked as nested
+// loops: segment by segment, RED indices a step, a step never straddling two segments. conv2d's
+// implicit GEMM: one kernel position (r, s) per segment and a group's channels within it, so the
+// loaders decode a reduction index with no division by the channel count, and the channel
+// blocks of one position are contiguous runs (16-byte chunks along C in channels_last).
+// The loaders are the caller's copies; each has `void segment(int)`, the segment of the fetches
+// that follow, and A has `bool segment_used(int) const`: false where the whole segment is zeros
+// for this block (conv2d's input gradient at stride > 1 skips the kernel positions that do not
+// reach the block's output phase). Otherwise as matmul, including SumRows and the prefetch.
+template <typename In, bool SumRows, typename OpA, typename OpB>
+__device__ __forceinline__ void matmul_segments(FragC (&acc)[MI][NI], void* smem, long long row0, long long col0,
+                                                long long rows, long long cols, int segments, long long length,
+                                                OpA a, OpB b, float (&row_partial)[Tile<In>::CHUNK]) {
+    typedef Tile<In> T;
+    typedef typename Input<In>::storage S;
+    S* a_tile = static_cast<S*>(smem);
+    S* b_tile = a_tile + T::OPERAND_ELEMS;
+    const bool a_red = a.red_contiguous(), b_red = b.red_contiguous();
+    const bool a_vec = a.vector(), b_vec = b.vector();
+    float a_next[T::CHUNK], b_next[T::CHUNK], unused[T::CHUNK];
+    int segment = 0;
+    while (segment < segments && !a.segment_used(segment)) ++segment;
+    if (segment >= segments || length <= 0) return;
+    a.segment(segment);
+    b.segment(segment);
+    fetch<In, SumRows>(a, a_red, a_vec, row0, 0, rows, length, a_next, row_partial);
+    fetch<In, false>(b, b_red, b_vec, col0, 0, cols, length, b_next, unused);
+    while (segment < segments) {
+        int next = segment + 1;
+        while (next < segments && !a.segment_used(next)) ++next;
+        for (long long red0 = 0; red0 < length; red0 += T::RED) {
+            store_chunk<In>(a_tile, a_red, a_next);
+            store_chunk<In>(b_tile, b_red, b_next);
+            __syncthreads();  // the step's tiles are complete
+            // Prefetch the next step: the next channel block, or the next segment's first.
+            const bool same = red0 + T::RED < length;
+            if (!same && next < segments) {
+                a.segment(next);
+                b.segment(next);
+            }
+            if (same || next < segments) {
+                const long long red = same ? red0 + T::RED : 0;
+                fetch<In, SumRows>(a, a_red, a_vec, row0, red, rows, length, a_next, row_partial);
+                fetch<In, false>(b, b_red, b_vec, col0, red, cols, length, b_next, unused);
+            }
+            mma_step<In>(acc, a_tile, b_tile, a_red, b_red);
+            __syncthreads();  // everyone has read the tiles before the next step overwrites them
+        }
+        segment = next;
     }
 }
 
