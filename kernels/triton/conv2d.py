@@ -60,26 +60,46 @@ KERNELS = {  # kernel name -> (its reduction block, the pointer whose dtype the 
 }
 HEAVY_EPILOGUES = (3, 4, 5, 6, 7)
 
-_16 = ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 128, 64, 8, 3), (256, 128, 32, 8, 3))
-_TF32 = ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4))
+# From `fastdl inspect --arch sm_90 --configs all` at ResNet-50's layers (spills per thread noted):
+# 256x128x32 spills 155-166 B in the forward and 21-90 B in grad_input, 256x128 in grad_weight
+# 55-67 B; grad_input's 128x64x32 with 4 warps 4-10 B (relu, gelu), its 128x128x64 6-11 B.
+_16 = ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 128, 64, 8, 3))
+_TF32 = ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 64, 32, 4, 3))
 _FP32 = ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3))
-_FP64 = ((64, 64, 32, 8, 3), (32, 64, 32, 4, 3))
+_FP64 = ((64, 64, 32, 8, 3), (32, 64, 16, 4, 3))
+_FP64_BWD = ((32, 32, 16, 4, 3), (32, 64, 16, 8, 3))  # 64x64x32 and 32x64x32 spill 14-64 B (DMMA)
 CONFIG_LISTS = {
     "fp16/bf16": _16,
-    "fp16/bf16 heavy": _16[:4],
-    "tf32": _TF32,
-    "tf32 heavy": _TF32,
+    "fp16/bf16 heavy": _16[:1] + _16[2:],  # 128x128x32 with 8 warps: 1 B with gelu
+    "tf32": _TF32[:2],  # 128x64x32 with 4 warps: 3 B
+    "tf32 heavy": _TF32[:2],
     "fp32": _FP32,
     "fp64": _FP64,
-    "fp64 heavy": ((32, 32, 16, 4, 3), (32, 64, 16, 8, 3)),
+    "fp64 heavy": _FP64_BWD,
+    # C / groups < 16 (the stem's 3 channels): FEW_CHANNELS' per-column index math and gather, or
+    # (grad_input) a channel tile mostly beyond C_g; 128-row tiles spilled 268-916 B there.
+    "few channels": ((64, 64, 32, 4, 4), (64, 32, 32, 4, 3)),
 }
-KERNEL_LISTS = {}
+KERNEL_LISTS = {
+    ("conv2d_fwd", "tf32"): _TF32[:2],
+    ("conv2d_bwd_input", "fp16/bf16"): ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
+    ("conv2d_bwd_input", "fp16/bf16 heavy"): ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
+    ("conv2d_bwd_input", "tf32"): ((64, 64, 32, 4, 4),),  # 128x64 79 B, 128x128 10 B
+    ("conv2d_bwd_input", "tf32 heavy"): ((64, 64, 32, 4, 4),),
+    ("conv2d_bwd_input", "fp64"): _FP64_BWD,
+    ("conv2d_bwd_input", "few channels"): ((64, 16, 32, 4, 3), (32, 16, 32, 4, 3)),
+    ("conv2d_bwd_weight", "fp16/bf16 heavy"): _16[:3],  # 128x128x64: 13 B with gelu
+    ("conv2d_bwd_weight", "tf32"): _TF32,
+    ("conv2d_bwd_weight", "fp64"): _FP64_BWD,
+}
 
 
 def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     """The list a launch picks from: its operand precision and whether its epilogue / prologue is heavy."""
     itemsize = named_args[KERNELS[kernel][1]].dtype.itemsize
     heavy = kwargs.get("ACTIVATION", 0) in HEAVY_EPILOGUES
+    if named_args.get("C_g", FEW_CHANNELS_BELOW) < FEW_CHANNELS_BELOW:
+        return "few channels"
     if itemsize == 8:
         return "fp64" + (" heavy" if heavy else "")
     if itemsize == 4 and kwargs.get("INPUT_PRECISION", "ieee") == "ieee":
@@ -234,7 +254,7 @@ def _conv2d_fwd(
 # --- grad_input ---------------------------------------------------------------------------------------
 
 @_autotune("conv2d_bwd_input", key=["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w",
-                                    "ACTIVATION", "INPUT_PRECISION"])
+                                    "ACTIVATION", "INPUT_PRECISION"])  # C_g < 16 picks "few channels"
 @_jit
 def _conv2d_bwd_input(
     grad_out_ptr, saved_ptr, w_ptr, grad_input_ptr,  # grad_out/saved (N, K, P, Q), w (K, C_g, R, S), grad_input (N, C, H, W)
