@@ -5,3 +5,4 @@ from fastdl.backends.cupy._runtime import BLOCK_COLS, BLOCK_ROWS, NAME_EXPRESSIO
 from fastdl.backends.cupy.linear import linear_bwd, linear_fwd, linear_grad_weight_accumulate  # noqa: F401
 from fastdl.backends.cupy.cross_entropy import cross_entropy_bwd, cross_entropy_fwd  # noqa: F401
 from fastdl.backends.cupy.max_pool2d import max_pool2d_bwd, max_pool2d_fwd  # noqa: F401
+from fastdl.backends.cupy.conv2d import conv2d_bwd, conv2d_fwd  # noqa: F401
