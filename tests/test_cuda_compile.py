@@ -30,22 +30,24 @@ ARCHS = ["sm_80", "sm_90"]
 # ---------------------------------------------------------------------------------------------
 # NVRTC, no GPU needed.
 
+# conv2d.cu compiles (its 19 instantiations, the slowest source) once per arch in
+# tests/test_cuda_conv2d.py, whose SASS checks read the same cubins.
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("source", nvrtc.cuda_sources(), ids=lambda p: p.name)
+@pytest.mark.parametrize("source", [p for p in nvrtc.cuda_sources() if p.name != "conv2d.cu"], ids=lambda p: p.name)
 def test_cuda_source_compiles(source, arch):
     ok, log = nvrtc.compile_source(source, arch)
     assert ok, f"{source.name} does not compile for {arch}:\n{log}"
 
 
 def test_every_cuda_source_is_found():
-    assert "linear.cu" in [p.name for p in nvrtc.cuda_sources()]
+    assert {"linear.cu", "conv2d.cu"} <= {p.name for p in nvrtc.cuda_sources()}
 
 
 def test_headers_are_inlined_once_with_their_line_numbers():
     # NVRTC, CuPy and the host emulation compile one text: mma.cuh inlined where linear.cu includes
     # it, once per module (cross_entropy.cu's module has linear.cu first), #line for messages.
-    for stem in ("linear", "cross_entropy"):
+    for stem in ("linear", "cross_entropy", "conv2d"):
         text = nvrtc.module_source(stem)
         assert '#include "mma.cuh"' not in text and text.count('#line 1 "mma.cuh"') == 1
         include_line = nvrtc.read_source("linear").splitlines().index('#include "mma.cuh"') + 1
@@ -57,6 +59,9 @@ def test_tf32_instantiations_exist_for_the_linear_matmuls_only():
     for kernel in cupy_runtime.LINEAR_KERNELS:
         assert f"{kernel}<float>" in expressions["linear"] and f"{kernel}<float, true>" in expressions["linear"]
     assert not any("true" in e for e in expressions["cross_entropy"])
+    for kernel in cupy_runtime.CONV2D_KERNELS:  # conv2d's matmuls too (TF32 from cudnn.allow_tf32)
+        assert f"{kernel}<float>" in expressions["conv2d"] and f"{kernel}<float, true>" in expressions["conv2d"]
+    assert not any(e.startswith("conv2d_sum_splits") and "true" in e for e in expressions["conv2d"])
 
 
 @needs_nvrtc
