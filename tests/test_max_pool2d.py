@@ -27,6 +27,9 @@ CASES = {
     "dilated (3,2)/(2,1)": ((2, 5, 10, 9), (3, 2), (2, 1), (1, 1), (2, 3), False),
     # C = 70: two channel blocks (64 + a masked 6), odd pixel counts: masked tails everywhere.
     "70 channels 2x2/1": ((1, 70, 5, 6), 2, 1, 0, 1, False),
+    # NCHW rows whose length (Q 16, W 32) and strides are multiples of 16 bytes: ALIGN 8 in fp16,
+    # 4 in fp32, 2 in fp64 (vector stores of output and grad_input rows, the mask by groups).
+    "aligned rows 3x3/2 pad 1": ((2, 3, 16, 32), 3, 2, 1, 1, False),
     # Non-overlapping 2x2/2 (each element in at most one window) with one channel (C = 1).
     "2x2/2 one channel": ((3, 1, 8, 6), 2, 2, 0, 1, False),
 }
@@ -104,7 +107,7 @@ def test_triton_grad_output_in_another_layout(grad_layout):
 
 
 def test_triton_int64_pixel_index(monkeypatch):
-    # Pixel counts past 2**31 take int64 pixel indices (PIX64); forced here at a small shape.
+    # Row counts past 2**31 take int64 row indices (ROW64); forced here at a small shape.
     from fastdl.backends.triton import max_pool2d as launcher
 
     monkeypatch.setattr(launcher, "INT32_MAX", 8)
@@ -123,11 +126,13 @@ def test_triton_windows_over_256_taps_save_int64_indices(monkeypatch):
 
 
 def test_block_sizes():
-    # channels_last tiles up to 64 channels a block; NCHW takes one channel and long pixel runs.
-    assert pool_kernels.blocks(70, True) == (32, 64)
-    assert pool_kernels.blocks(16, True) == (128, 16)
-    assert pool_kernels.blocks(3, True) == (512, 4)
-    assert pool_kernels.blocks(64, False) == (1024, 1)
+    # channels_last tiles up to 64 channels a block; NCHW takes rows of up to 64 columns.
+    assert pool_kernels.blocks(70, 9, True) == (32, 64)
+    assert pool_kernels.blocks(16, 9, True) == (128, 16)
+    assert pool_kernels.blocks(3, 9, True) == (512, 4)
+    assert pool_kernels.blocks(64, 56, False) == (16, 64)
+    assert pool_kernels.blocks(64, 7, False) == (128, 8)
+    assert pool_kernels.blocks(64, 112, False) == (16, 64)
 
 
 def test_reference_backend_matches_reference():

@@ -29,13 +29,23 @@ def channels_tile(t: torch.Tensor) -> bool:
     return t.shape[1] > 1 and t.stride(1) == 1
 
 
-def _launch_shape(N: int, C: int, plane: int, tile_channels: bool) -> tuple[int, tuple[int], int, int]:
-    """(num_pixels, grid, BLOCK_PIX, BLOCK_C): channel tiles over N * plane pixels, or NCHW's one
-    channel a row over N * C * plane (see kernels/triton/max_pool2d.py)."""
-    block_pix, block_c = _pool.blocks(C, tile_channels)
-    num_pixels = N * plane if tile_channels else N * C * plane
-    c_blocks = -(-C // block_c) if tile_channels else 1
-    return num_pixels, (-(-num_pixels // block_pix) * c_blocks,), block_pix, block_c
+def _align(t: torch.Tensor, width: int) -> int:
+    """NCHW rows: the largest power of two, up to 16 bytes of t's elements, that divides the row
+    length and t's (N, C, row) strides: the kernels' ALIGN (row offsets are multiples of it, and
+    the column mask is constant over it, so a row's stores are that many elements wide)."""
+    align = 16 // t.element_size()
+    while align > 1 and any(v % align for v in (width, *t.stride()[:3])):
+        align //= 2
+    return align
+
+
+def _launch_shape(N: int, C: int, rows: int, width: int, tile_channels: bool) -> tuple[int, tuple[int], int, int]:
+    """(num_rows, grid, BLOCK_ROWS, BLOCK_COLS): channel tiles over N * rows * width pixels, or
+    NCHW's rows of width columns, N * C * rows of them (see kernels/triton/max_pool2d.py)."""
+    block_rows, block_cols = _pool.blocks(C, width, tile_channels)
+    num_rows = N * rows * width if tile_channels else N * C * rows
+    col_blocks = -(-(C if tile_channels else width) // block_cols)
+    return num_rows, (-(-num_rows // block_rows) * col_blocks,), block_rows, block_cols
 
 
 @interpreter_bf16(results=("io", "other"), mutates=("out",))
@@ -47,14 +57,14 @@ def max_pool2d_fwd(input, kernel_size, stride, padding, dilation, ceil_mode, out
     N, C, H, W = input.shape
     P, Q = out.shape[2:]
     tile_channels = channels_tile(input)
-    num_pixels, grid, block_pix, block_c = _launch_shape(N, C, P * Q, tile_channels)
+    num_rows, grid, block_rows, block_cols = _launch_shape(N, C, P, Q, tile_channels)
     target = saved if saved.numel() else out  # not written with SAVE_NONE
     wrap_triton(_pool._max_pool2d_fwd)[grid](
-        input, out, target, C, H, W, P, Q, num_pixels,
+        input, out, target, C, H, W, P, Q, num_rows,
         *input.stride(), *out.stride(), *stride, *padding, *dilation,
         KH=kernel_size[0], KW=kernel_size[1], SAVE=save_code(saved), CHANNELS_TILE=tile_channels,
-        PIX64=num_pixels + block_pix > INT32_MAX,
-        BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_pool.NUM_WARPS,
+        ROW64=num_rows + block_rows > INT32_MAX, ALIGN=1 if tile_channels else _align(out, Q),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=_pool.NUM_WARPS, maxnreg=_pool.MAX_REGISTERS,
     )
     return out, saved
 
@@ -67,12 +77,13 @@ def max_pool2d_bwd(grad_out, saved, kernel_size, stride, padding, dilation, grad
     N, C, H, W = grad_input.shape
     P, Q = grad_out.shape[2:]
     tile_channels = channels_tile(grad_input)
-    num_pixels, grid, block_pix, block_c = _launch_shape(N, C, H * W, tile_channels)
+    num_rows, grid, block_rows, block_cols = _launch_shape(N, C, H, W, tile_channels)
     wrap_triton(_pool._max_pool2d_bwd)[grid](
-        grad_out, saved, grad_input, C, H, W, P, Q, num_pixels,
+        grad_out, saved, grad_input, C, H, W, P, Q, num_rows,
         *grad_out.stride(), *saved.stride(), *grad_input.stride(), *stride, *padding, *dilation,
         KH=kernel_size[0], KW=kernel_size[1], SAVE_INDEX=saved.dtype == torch.int64,
-        ACC_DTYPE=ACC_DTYPE[grad_out.dtype], CHANNELS_TILE=tile_channels, PIX64=num_pixels + block_pix > INT32_MAX,
-        BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_pool.NUM_WARPS,
+        ACC_DTYPE=ACC_DTYPE[grad_out.dtype], CHANNELS_TILE=tile_channels, ROW64=num_rows + block_rows > INT32_MAX,
+        ALIGN=1 if tile_channels else _align(grad_input, W),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=_pool.NUM_WARPS, maxnreg=_pool.MAX_REGISTERS,
     )
     return grad_input
