@@ -65,14 +65,14 @@ HEAVY_EPILOGUES = (3, 4, 5, 6, 7)
 # 55-67 B; grad_input's 128x64x32 with 4 warps 4-10 B (relu, gelu), its 128x128x64 6-11 B.
 _16 = ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 128, 64, 8, 3))
 _TF32 = ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 64, 32, 4, 3))
-_FP32 = ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3))
+_FP32 = ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3))  # FFMA
 _FP64 = ((64, 64, 32, 8, 3), (32, 64, 16, 4, 3))
 _FP64_BWD = ((32, 32, 16, 4, 3), (32, 64, 16, 8, 3))  # 64x64x32 and 32x64x32 spill 14-64 B (DMMA)
 CONFIG_LISTS = {
     "fp16/bf16": _16,
     "fp16/bf16 heavy": _16[:1] + _16[2:],  # 128x128x32 with 8 warps: 1 B with gelu
     "tf32": _TF32[:2],  # 128x64x32 with 4 warps: 3 B
-    "tf32 heavy": _TF32[:2],
+    "tf32 heavy": _TF32[1:2],  # 128x128x32 with gelu: 17 B
     "fp32": _FP32,
     "fp64": _FP64,
     "fp64 heavy": _FP64_BWD,
@@ -80,13 +80,20 @@ CONFIG_LISTS = {
     # (grad_input) a channel tile mostly beyond C_g; 128-row tiles spilled 268-916 B there.
     "few channels": ((64, 64, 32, 4, 4), (64, 32, 32, 4, 3)),
 }
+# fp32 grad_weight (FFMA) spilled 456-494 B at 64x64x32 / 128x64x32, grad_input 2 B at 64x64x32 w4;
+# TF32 grad_input with gelu 4 B at 64x64x32; fp64 grad_input 4 B at 32x64x16 w8; the stem's
+# grad_weight 149 B / 4 B at 64x64x32 / 64x32x32.
 KERNEL_LISTS = {
     ("conv2d_fwd", "tf32"): _TF32[:2],
     ("conv2d_bwd_input", "fp16/bf16"): ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
     ("conv2d_bwd_input", "fp16/bf16 heavy"): ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
     ("conv2d_bwd_input", "tf32"): ((64, 64, 32, 4, 4),),  # 128x64 79 B, 128x128 10 B
-    ("conv2d_bwd_input", "tf32 heavy"): ((64, 64, 32, 4, 4),),
-    ("conv2d_bwd_input", "fp64"): _FP64_BWD,
+    ("conv2d_bwd_input", "tf32 heavy"): ((64, 32, 32, 4, 3),),
+    ("conv2d_bwd_input", "fp32"): ((128, 64, 32, 8, 3), (64, 32, 32, 4, 3)),
+    ("conv2d_bwd_input", "fp64"): _FP64_BWD[:1],
+    ("conv2d_bwd_input", "fp64 heavy"): _FP64_BWD[:1],
+    ("conv2d_bwd_weight", "fp32"): ((32, 64, 32, 4, 3), (32, 32, 32, 4, 3)),
+    ("conv2d_bwd_weight", "few channels"): ((32, 32, 32, 4, 3), (32, 64, 16, 4, 3)),
     ("conv2d_bwd_input", "few channels"): ((64, 16, 32, 4, 3), (32, 16, 32, 4, 3)),
     ("conv2d_bwd_weight", "fp16/bf16 heavy"): _16[:3],  # 128x128x64: 13 B with gelu
     ("conv2d_bwd_weight", "tf32"): _TF32,
@@ -225,9 +232,11 @@ def _conv2d_fwd(
             for kb in range(0, tl.cdiv(span, BLOCK_K)):
                 j = kb * BLOCK_K + offs_k
                 if FEW_CHANNELS:
+                    # The (BLOCK_M, BLOCK_K) index math in int32 (an offset within one image row);
+                    # in int64 it spilled 268 B on sm_90.
                     s_j = j // C_g
                     c_j = j % C_g
-                    iw_j = iw0[:, None] + (s_j * dil_w)[None, :]
+                    iw_j = iw0.to(tl.int32)[:, None] + (s_j * dil_w)[None, :]
                     x_mask = row_ok[:, None] & (iw_j >= 0) & (iw_j < W) & (j < span)[None, :]
                     x_ptrs = x_pix[:, None] + iw_j * stride_xw + (c_j * stride_xc)[None, :]
                     w_ptrs = w_tap[None, :] + (c_j * stride_wc + s_j * stride_ws)[:, None]
@@ -400,7 +409,7 @@ def _conv2d_bwd_weight(
         row_ok = m_ok & (ih >= 0) & (ih < H)
         x_row = n * stride_xn + ih * stride_xh
         if FEW_CHANNELS:
-            iw = (q * stride_w)[:, None] + col_w[None, :]
+            iw = (q.to(tl.int32) * stride_w)[:, None] + col_w[None, :]  # int32, as in the forward
             x_mask = row_ok[:, None] & (iw >= 0) & (iw < W) & k_ok[None, :]
             x_ptrs = x_cols[None, :] + x_row[:, None] + iw * stride_xw
         else:

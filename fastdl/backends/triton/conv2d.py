@@ -4,7 +4,8 @@ Inputs were validated upstream: input (N, C, H, W) with N >= 1 and any strides, 
 
 Layouts: the output (and the saved mask or pre-activation) is channels_last when the input is, by
 torch's suggest_memory_format, and contiguous otherwise, as torch's convolutions keep the input's
-memory format; grad_input follows the input and grad_weight the weight in the same way.
+memory format; grad_input follows the input and grad_weight the weight in the same way. The kernels
+themselves read and write channels_last only (see _nhwc).
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """The operand as the kernels read it fastest: channels_last (NHWC; KRSC for a weight), channels
-    contiguous, so every operand tile is copied 16 bytes at a time. NCHW and other strided operands
-    make one layout change here: read through their strides instead, the kernels gathered element by
-    element and spilled 300-800 bytes per thread on sm_80 (`fastdl inspect`). Outputs are written in
-    the caller's layout by strides."""
+    contiguous, so every operand tile is copied 16 bytes at a time. The kernels read and write
+    channels_last only: NCHW and other strided operands make one layout change here, and NCHW
+    results one on the way out. Read through their strides instead, the kernels gathered element by
+    element and spilled 330-807 bytes per thread on sm_80, and NCHW stores spilled 400-500 bytes on
+    sm_90 (`fastdl inspect`)."""
     return t.contiguous(memory_format=torch.channels_last)
 
 
@@ -49,12 +51,13 @@ def output_shape(input, weight, stride, padding, dilation):
     return N, K, P, Q
 
 
-def conv2d_outputs(input, weight, stride, padding, dilation, activation):
-    """(activation code, out, saved, whether saved is written): out (N, K, P, Q) in the input's memory
-    format; saved a uint8 mask or the pre-activation in out's shape and layout, or an empty tensor."""
+def conv2d_outputs(input, weight, stride, padding, dilation, activation, fmt=None):
+    """(activation code, out, saved, whether saved is written): out (N, K, P, Q) in memory format `fmt`
+    (default: the input's); saved a uint8 mask or the pre-activation in out's shape and layout, or an
+    empty tensor."""
     code = ACTIVATION_CODES[activation]
     shape = output_shape(input, weight, stride, padding, dilation)
-    fmt = memory_format(input)
+    fmt = fmt or memory_format(input)
     out = torch.empty(shape, device=input.device, dtype=input.dtype, memory_format=fmt)
     kind = SAVE_KIND[code]
     if kind == SAVE_NONE:
@@ -73,11 +76,12 @@ def conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, activatio
     """-> (out (N, K, P, Q), saved)."""
     N, C, H, W = input.shape
     K, C_g, R, S = weight.shape
-    code, out, saved, _ = conv2d_outputs(input, weight, stride, padding, dilation, activation)
+    code, out, saved, _ = conv2d_outputs(input, weight, stride, padding, dilation, activation, torch.channels_last)
     _, _, P, Q = out.shape
     K_g = K // groups
     if out.numel() == 0:
-        return out, saved
+        fmt = memory_format(input)
+        return out.contiguous(memory_format=fmt), saved.contiguous(memory_format=fmt) if saved.numel() else saved
     save_ptr = saved if saved.numel() else out
     x, w = _nhwc(input), _nhwc(weight)
     grid = lambda meta: (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K_g, meta["BLOCK_N"]), groups)
@@ -91,7 +95,8 @@ def conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, activatio
         HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code], FEW_CHANNELS=_few_channels(C_g),
         ACC_DTYPE=ACC_DTYPE[input.dtype], INPUT_PRECISION=input_precision(input),
     )
-    return out, saved
+    fmt = memory_format(input)
+    return out.contiguous(memory_format=fmt), saved.contiguous(memory_format=fmt) if saved.numel() else saved
 
 
 # Split the N*P*Q pixels of grad_weight over this many programs per tile; None: by shape.
@@ -131,7 +136,7 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
     grad_input = grad_weight = grad_bias = None
     if needs_input_grad:
         grad_input = torch.empty(input.shape, device=input.device, dtype=input.dtype,
-                                 memory_format=memory_format(input))
+                                 memory_format=torch.channels_last)
         rows, cols = triton.cdiv(H, stride[0]), triton.cdiv(W, stride[1])
         grid = lambda meta: (triton.cdiv(N * rows * cols, meta["BLOCK_M"]) * triton.cdiv(C_g, meta["BLOCK_K"]),
                              groups * stride[0] * stride[1])
@@ -143,14 +148,14 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
                 float(negative_slope),
                 ACTIVATION=code, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
             )
+        grad_input = grad_input.contiguous(memory_format=memory_format(input))
     if needs_weight_grad or needs_bias_grad:
         grad_weight = torch.empty(weight.shape, device=input.device, dtype=weight.dtype,
-                                  memory_format=memory_format(weight))
+                                  memory_format=torch.channels_last)
         grad_bias = torch.empty((K,), device=input.device, dtype=weight.dtype) if needs_bias_grad else None
         _grad_weight(grad_out, s, x, grad_weight, grad_bias, geometry, groups, code, negative_slope,
                      acc_dtype, precision)
-        if not needs_weight_grad:
-            grad_weight = None
+        grad_weight = grad_weight.contiguous(memory_format=memory_format(weight)) if needs_weight_grad else None
     return grad_input, grad_weight, grad_bias
 
 
