@@ -71,7 +71,8 @@ MAX_BLOCK_W = 64
 def blocks(C: int, width: int, channels_tile: bool) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_COLS): channels_last takes up to MAX_BLOCK_C channels a tile; NCHW takes
     rows of `width` columns (Q in the forward, W in the backward), up to MAX_BLOCK_W of them."""
-    block_cols = min(MAX_BLOCK_C if channels_tile else MAX_BLOCK_W, triton.next_power_of_2(C if channels_tile else width))
+    limit = MAX_BLOCK_C if channels_tile else MAX_BLOCK_W
+    block_cols = min(limit, triton.next_power_of_2(C if channels_tile else width))
     return (TILE if channels_tile else NCHW_TILE) // block_cols, block_cols
 
 
