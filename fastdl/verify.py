@@ -276,3 +276,66 @@ def _check_linear_cross_entropy(backend, dtype, device):
             os.environ.pop(ops.CHUNK_ROWS_ENV, None)
         else:
             os.environ[ops.CHUNK_ROWS_ENV] = previous
+
+
+# --- max_pool2d ------------------------------------------------------------------------------------
+# (The oracle itself is proven against torch in tests/test_reference_max_pool2d.py.)
+
+def max_pool2d_cases(device: str) -> list[tuple]:
+    """(input shape, kernel, stride, padding, dilation, ceil_mode): small odd shapes everywhere, the
+    ResNet stem pool at a GPU size on CUDA."""
+    cases = [((2, 16, 11, 13), 3, 2, 1, 1, False),         # stem pool, odd sizes; 16-byte channel runs
+             ((2, 5, 10, 9), (3, 2), (2, 1), (1, 1), (2, 3), False),  # dilated, rectangular
+             ((1, 3, 9, 10), 2, None, 0, 1, True)]           # ceil_mode: windows hanging past the edge
+    if device == "cuda":
+        cases.append(((8, 64, 112, 112), 3, 2, 1, 1, False))  # ResNet-50's stem pool
+    return cases
+
+
+def _pair(values) -> str:
+    return str(values[0]) if values[0] == values[1] else f"{values[0]},{values[1]}"
+
+
+def _exact_row(op, backend, dtype, shape, quantity, actual, expected) -> dict:
+    """A row for integers that must be equal (torch's indices): max_abs is the largest difference."""
+    actual = actual.detach().cpu().numpy()
+    same = actual.shape == expected.shape
+    diff = float(abs(actual.astype("int64") - expected.astype("int64")).max()) if same and actual.size else 0.0
+    return dict(op=op, backend=backend, dtype=dtype_name(dtype), shape=shape, check=quantity, max_abs=diff,
+                max_rel=None, status="pass" if same and diff == 0 else "FAIL")
+
+
+@check("max_pool2d")
+def _check_max_pool2d(backend, dtype, device):
+    from fastdl import backends
+    from fastdl.reference import max_pool2d as ref
+
+    if not hasattr(backends.get(backend), "max_pool2d_fwd"):
+        yield note_row("max_pool2d", backend, dtype_name(dtype), "-", "all", "not checked", "no launcher yet")
+        return
+    for shape, kernel, stride, padding, dilation, ceil_mode in max_pool2d_cases(device):
+        kernel_, stride_, padding_, dilation_ = ref.normalize_args(kernel, stride, padding, dilation)
+        for layout in ("channels_last", "contiguous"):
+            x = testing.make_tensor(shape, dtype, device, seed=1)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            expected, saved = ref.forward(_np(x), kernel_, stride_, padding_, dilation_, ceil_mode)
+            g = testing.make_tensor(expected.shape, dtype, device, seed=2)
+            want_grad = ref.backward(_np(g), saved)
+            label = (f"{'x'.join(map(str, shape))} k{_pair(kernel_)} s{_pair(stride_)} p{_pair(padding_)} "
+                     f"d{_pair(dilation_)}{' ceil' if ceil_mode else ''} {layout}")
+            # The training path (a 1-byte tap saved for backward), then return_indices (torch's int64
+            # indices, which backward then reads).
+            for return_indices in (False, True):
+                xg = x.detach().requires_grad_()
+                with fastdl.use_backend(backend):
+                    result = fastdl.functional.max_pool2d(xg, kernel, stride, padding, dilation, ceil_mode,
+                                                          return_indices)
+                out = result[0] if return_indices else result
+                out.backward(g)
+                suffix = " (indices)" if return_indices else ""
+                if not return_indices:
+                    yield compare_row("max_pool2d", backend, dtype, label, "out", out, expected)
+                else:
+                    yield _exact_row("max_pool2d", backend, dtype, label, "indices", result[1], saved["indices"])
+                yield compare_row("max_pool2d", backend, dtype, label, "grad_input" + suffix, xg.grad, want_grad)

@@ -2,9 +2,11 @@
 says plainly that it needs a GPU instead of failing obscurely."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
+import fastdl
 from fastdl import cli, verify
 
 
@@ -30,3 +32,83 @@ def test_verify_exits_nonzero_on_a_failing_row(monkeypatch, capsys):
 def test_bench_without_gpu_says_so(tmp_path, capsys):
     assert cli.main(["bench", "--out", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# --- max_pool2d: verify rows and bench cases ---------------------------------------------------------
+
+def test_verify_max_pool2d_rows_cover_layouts_paths_and_indices(tmp_path, monkeypatch):
+    # Interpreter rows: both layouts, the 1-byte-tap path and return_indices' path, indices exact.
+    monkeypatch.setattr(verify, "DTYPES", (torch.bfloat16, torch.float32))
+    path = tmp_path / "verify.json"
+    assert cli.main(["verify", "--backends", "triton", "--ops", "max_pool2d", "--json", str(path)]) == 0
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["op"] == "max_pool2d"]
+    assert rows and all(r["status"] == "pass" for r in rows)
+    assert {r["dtype"] for r in rows} == {"bfloat16", "float32"}
+    assert {r["check"] for r in rows} == {"out", "grad_input", "indices", "grad_input (indices)"}
+    assert {r["shape"].rsplit(" ", 1)[1] for r in rows} == {"channels_last", "contiguous"}
+    assert len(rows) == 2 * 2 * 4 * len(verify.max_pool2d_cases("cpu"))
+
+
+def test_verify_indices_row_is_exact():
+    want = np.arange(6).reshape(2, 3)
+    same = verify._exact_row("max_pool2d", "triton", torch.float32, "-", "indices", torch.tensor(want), want)
+    assert same["status"] == "pass"
+    off = torch.tensor(want)
+    off[1, 2] += 1
+    row = verify._exact_row("max_pool2d", "triton", torch.float32, "-", "indices", off, want)
+    assert row["status"] == "FAIL" and row["max_abs"] == 1.0
+
+
+def test_bench_max_pool2d_cases_and_floor():
+    from fastdl import bench
+    from fastdl.bench import max_pool2d as pool_bench
+
+    full = bench.OPS["max_pool2d"].workloads(False)
+    # ResNet-50's stem output, N 32 and 256, bf16/fp16/fp32, both layouts; labels unique per dtype.
+    assert {w.shape for w in full} == {(32, 64, 112, 112), (256, 64, 112, 112)}
+    assert {(w.dtype, w.param["layout"]) for w in full} == {(d, l) for d in ("bf16", "fp16", "fp32")
+                                                          for l in ("channels_last", "NCHW")}
+    assert len(full) == 12 and len({(w.dtype, w.label) for w in full}) == 12
+    assert len(bench.OPS["max_pool2d"].workloads(True)) < len(full)
+    cases = bench.cases("max_pool2d")
+    assert {c.mode for c in cases} == set(bench.MODES) and {"torch", "torch-compile", "fastdl-triton"} <= {
+        c.provider for c in cases}
+    assert len({c.id for c in cases}) == len(cases)
+    # The floor: input + output each once, and 4 bits a window (which of 9 taps) written, then read.
+    w = next(w for w in full if w.dtype == "bf16" and w.shape[0] == 32)
+    assert pool_bench.output_shape(w) == (32, 64, 56, 56)
+    inputs, outputs = 32 * 64 * 112 * 112, 32 * 64 * 56 * 56
+    fwd = 2 * (inputs + outputs) + outputs / 2
+    assert bench.OPS["max_pool2d"].cost(w, "forward") == (0.0, fwd)
+    assert bench.OPS["max_pool2d"].cost(w, "forward+backward") == (0.0, 2 * fwd)
+
+
+def test_bench_max_pool2d_functions_agree_on_cpu():
+    from fastdl import bench
+
+    spec = bench.OPS["max_pool2d"]
+    w = spec.workloads(True)[0]
+    x = torch.randn(2, 8, 14, 14).contiguous(memory_format=torch.channels_last)
+    with fastdl.use_backend("reference"):
+        ours = spec.fastdl_fn(w)(x)
+    theirs = spec.torch_fn(w)(x)
+    assert torch.equal(ours, theirs) and ours.stride() == theirs.stride()
+
+
+def test_bench_grad_outputs_take_the_outputs_layout():
+    from fastdl.bench import timing
+
+    out = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    values = torch.randn(2, 8, 4, 4)
+    grad = timing._like(out, values)
+    assert grad.stride() == out.stride() and torch.equal(grad, values)
+    assert timing._like(values, values) is values
+
+
+def test_bench_progress_line_gives_bandwidth_for_memory_bound_ops():
+    from fastdl.bench import runner
+
+    rec = dict(op="max_pool2d", mode="forward", dtype="bf16", label="32 NCHW", provider="fastdl-triton", ms=0.1,
+               flops=0.0, tflops=0.0, gbps=3500.0, bandwidth_fraction=0.81, speedup_vs_torch=1.5, floor_fraction=0.8)
+    line = runner._progress(rec)
+    assert "3500 GB/s 0.81 bw" in line and "TFLOP/s" not in line

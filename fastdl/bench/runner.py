@@ -105,7 +105,10 @@ def _progress(rec: dict) -> str:
         return f"{head} skipped: {rec['skipped']}"
     speedup = f"{rec['speedup_vs_torch']:.2f}x" if rec.get("speedup_vs_torch") else "-"
     flag = "" if rec.get("check", "ok") == "ok" else f"  MISMATCH vs torch: {rec['max_rel_err_vs_torch']}"
-    return (f"{head} {rec['ms']:9.4f} ms {rec['tflops']:8.1f} TFLOP/s {speedup:>7} "
+    # Memory-bound ops (no FLOPs counted): GB/s and its fraction of the measured copy bandwidth.
+    rate = (f"{rec['tflops']:8.1f} TFLOP/s" if rec.get("flops") else
+            f"{rec['gbps']:6.0f} GB/s {rec['bandwidth_fraction']:4.2f} bw")
+    return (f"{head} {rec['ms']:9.4f} ms {rate} {speedup:>7} "
             f"{rec['floor_fraction']:5.2f} of floor{flag}")
 
 

@@ -25,6 +25,13 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _like(output: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values in output's memory layout: the gradient the next layer hands back has it (a
+    channels_last network's grad_outputs are channels_last), and a backward that reads a gradient
+    in another layout than its output's is timing a transpose."""
+    return values if values.stride() == output.stride() else torch.empty_like(output).copy_(values)
+
+
 class Prepared:
     """A case's rotated input copies and its timed step; build and use it inside case_context."""
 
@@ -34,7 +41,7 @@ class Prepared:
         first = spec.make_inputs(w, 0)
         # The first call compiles or autotunes; its output is also what check() compares.
         self.first_output = self.fn(*first).detach()
-        grad_out = random_tensor(self.first_output.shape, self.first_output.dtype, seed=7919)
+        grad_out = _like(self.first_output, random_tensor(self.first_output.shape, self.first_output.dtype, seed=7919))
         set_bytes = _nbytes(first) + (0 if case.mode == "forward" else _nbytes([grad_out]))
         if n_sets is None:
             n_sets = min(MAX_SETS, max(2, math.ceil(2 * l2_bytes() / max(set_bytes, 1))))
@@ -42,7 +49,7 @@ class Prepared:
         self.inputs = [first] + [spec.make_inputs(w, i) for i in range(1, n_sets)]
         self.diff = [tuple(t for t in s if isinstance(t, torch.Tensor) and t.requires_grad)
                      for s in self.inputs]
-        self.grad_outs = [grad_out] + [random_tensor(grad_out.shape, grad_out.dtype, seed=7919 + i)
+        self.grad_outs = [grad_out] + [_like(grad_out, random_tensor(grad_out.shape, grad_out.dtype, seed=7919 + i))
                                        for i in range(1, n_sets)]
         self.outputs: list = [None] * n_sets
         # Backward alone differentiates graphs built before the timed pass, each once: retaining
