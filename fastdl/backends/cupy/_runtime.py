@@ -28,6 +28,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate")
 CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows")
 MAX_POOL2D_KERNELS = ("max_pool2d_fwd", "max_pool2d_bwd")
+CONV2D_KERNELS = ("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
 # Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
 NAME_EXPRESSIONS = {
     stem: tuple(f"{kernel}<{CUDA_TYPES[precision]}>" for kernel in kernels for precision in precisions)
@@ -35,9 +36,13 @@ NAME_EXPRESSIONS = {
                                       ("cross_entropy", CROSS_ENTROPY_KERNELS, DTYPES),
                                       ("max_pool2d", MAX_POOL2D_KERNELS, DTYPES))
 }
+# conv2d's matmuls in every precision; its split-reduction sum (float partials) per dtype only.
+NAME_EXPRESSIONS["conv2d"] = (tuple(f"{kernel}<{CUDA_TYPES[precision]}>" for kernel in CONV2D_KERNELS
+                                    for precision in (*DTYPES, TF32))
+                              + tuple(f"conv2d_sum_splits<{CUDA_TYPES[dtype]}>" for dtype in DTYPES))
 # Per source stem: the sources compiled before it in the same module (cross_entropy.cu uses
-# linear.cu's element types).
-SOURCE_PRELUDES = {"cross_entropy": ("linear",)}
+# linear.cu's element types; conv2d.cu its block matmul, loaders' element types and epilogue).
+SOURCE_PRELUDES = {"cross_entropy": ("linear",), "conv2d": ("linear",)}
 # The kernels' fixed geometry: 64 x 64 output tiles, 256 threads per block.
 BLOCK_ROWS = BLOCK_COLS = 64
 THREADS = 256
