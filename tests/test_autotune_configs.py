@@ -112,6 +112,20 @@ def test_linear_forward_and_backward_with_every_config(monkeypatch, list_name, i
     _ran(pinned)
 
 
+@pytest.mark.parametrize("kernel, list_name, tile", [
+    pytest.param(k, name, t, id=f"{k}-{name}-{'x'.join(map(str, t))}")
+    for (k, name), tiles in K_.SM80_EXTRA.items() for t in tiles])
+def test_linear_with_each_sm80_only_tile(monkeypatch, kernel, list_name, tile):
+    # The tiles only the A100's lists have (SM80_EXTRA), which the lists above never pin.
+    autotuner = KERNELS[kernel]
+    config = K_._config(K_.KERNELS[kernel][0], tile)
+    monkeypatch.setattr(autotuner, "configs", [config])
+    monkeypatch.setattr(autotuner, "cache", {})
+    monkeypatch.setattr(autotuner, "best_config", None, raising=False)
+    _linear(*RUN_AS[list_name])
+    _ran([(autotuner, config)])
+
+
 @pytest.mark.parametrize("list_name, index", _cases((ACCUMULATE,)))
 def test_grad_weight_accumulate_with_every_config(monkeypatch, list_name, index):
     from fastdl.backends import triton as launchers
@@ -194,17 +208,19 @@ def test_prune_chooses_for_the_target(monkeypatch, kernel):
             name = K_.config_list_name(kernel, named, kwargs)
             whole = K_.config_tiles(kernel, name)
             dropped = K_.SM80_SPILLS.get((kernel, name), ())
-            sm80 = tuple(t for t in whole if t not in dropped)
-            assert sm80, (kernel, name)  # an sm_80 list is never empty
+            sm80 = tuple(t for t in whole if t not in dropped) + K_.SM80_EXTRA.get((kernel, name), ())
+            assert sm80 and len(set(sm80)) == len(sm80), (kernel, name)  # never empty, no repeats
             assert K_.config_tiles(kernel, name, (8, 0)) == K_.config_tiles(kernel, name, (8, 6)) == sm80
             assert K_.config_tiles(kernel, name, (9, 0)) == K_.config_tiles(kernel, name, None) == whole
             for capability, expected in (((8, 0), sm80), ((9, 0), whole), (None, whole)):
                 with target.compiling_for(capability):
                     picked = autotuner.early_config_prune(autotuner.configs, named, **kwargs)
                 assert tuple(K_.tile_of(c, kernel) for c in picked) == expected, (name, capability)
-    # Every dropped tile is in its list (a stale entry would hide nothing and mislead).
+    # Every dropped tile is in its list (a stale entry would hide nothing and mislead), and no extra
+    # one is also dropped.
     for (k, name), tiles in K_.SM80_SPILLS.items():
         assert set(tiles) <= set(K_.config_tiles(k, name)), (k, name)
+        assert not set(tiles) & set(K_.SM80_EXTRA.get((k, name), ())), (k, name)
 
 
 def test_target_capability_of_a_launch():
@@ -225,7 +241,7 @@ def test_every_list_tile_is_a_config_and_the_key_holds_what_the_prune_reads():
     for kernel, autotuner in KERNELS.items():
         tiles = [K_.tile_of(c, kernel) for c in autotuner.configs]
         assert len(tiles) == len(set(tiles))
-        assert set(tiles) == {t for name in LISTS for t in K_.config_tiles(kernel, name)}
+        assert set(tiles) == {t for name in LISTS for cap in (None, (8, 0)) for t in K_.config_tiles(kernel, name, cap)}
         # The autotuner prunes once per key (its values and every tensor's dtype): the key must
         # determine the list, so it holds what config_list_name reads besides the dtype.
         assert "INPUT_PRECISION" in autotuner.keys

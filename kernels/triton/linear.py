@@ -38,15 +38,15 @@ def first_config_only() -> bool:
 # (BLOCK_M, BLOCK_N) in the forward, (BLOCK_M, BLOCK_K) in grad_input and (BLOCK_N, BLOCK_K) in
 # grad_weight, and the loop steps over the reduction block (BLOCK_K, BLOCK_N, BLOCK_M).
 #
-# Each launch may pick only from the list of its kernel, precision and epilogue (early_config_prune
-# below). The lists are one for both targets (the prune makes no device query): every tile fits the
-# A100's 163 KB of shared memory per block (the H100's is 227 KB), and on sm_90 no pickable config
-# spills registers (`fastdl inspect --arch sm_90 --configs all`: 0 of 825 pairs). On sm_80, where
-# mma.sync keeps the operands in registers, 92 of the 825 still spill (8 B to 1.2 KB, mostly the
-# backward kernels' 128-wide tiles with an activation): lists per capability are the next step.
-# The numbers in the comments are spills per thread from those runs.
-# The first tile of a list is its default: what runs under the interpreter and with
-# FASTDL_AUTOTUNE=0.
+# Each launch may pick only from the list of its kernel, precision and epilogue on its target
+# (early_config_prune below; the target is the launch's device, see target.py). Every tile fits the
+# A100's 163 KB of shared memory per block (the H100's is 227 KB). On sm_90 no pickable config
+# spills registers (`fastdl inspect --arch sm_90 --configs all`: 0 of 825 pairs); on the A100, where
+# mma.sync keeps the operands in registers, 90 of those pairs spilled (8 B to 1.2 KB, mostly the
+# backward kernels' 128-wide tiles with an activation), so its lists drop them (SM80_SPILLS below)
+# and add clean tiles where too few were left (SM80_EXTRA). The numbers in the comments are spills
+# per thread from those runs. The first tile of a list is its default: what runs under the
+# interpreter (the whole list, whatever the target) and with FASTDL_AUTOTUNE=0 (the target's list).
 HEAVY_EPILOGUES = (3, 4, 5, 6, 7)  # gelu, gelu_tanh, silu, sigmoid, tanh: transcendental math per element
 
 KERNELS = {  # kernel name -> (its reduction block, the pointer whose dtype the dot's operands have)
@@ -118,9 +118,44 @@ KERNEL_LISTS = {
        for name, tiles in _BWD_WEIGHT.items()},
 }
 
-# Tiles that spill on the A100 (and every compute capability 8.x GPU: mma.sync holds operand
-# fragments in registers), by (kernel, list): dropped from the list there (target.py).
-SM80_SPILLS: dict = {}
+# On the A100 (and every compute capability 8.x GPU: mma.sync holds its operand fragments in
+# registers, where sm_90's wgmma reads them from shared memory) some tiles that are clean on sm_90
+# spill. A launch there (target.py) picks from its list less SM80_SPILLS, plus SM80_EXTRA where
+# too little would be left. From `fastdl inspect --arch sm_80 --configs all` over every variant of
+# each list (bytes per thread, worst variant); the extras compiled clean in every variant of their
+# list on sm_80.
+SM80_SPILLS = {
+    ("linear_fwd", "fp16/bf16"): {(256, 128, 64, 8, 3): 24},
+    ("linear_fwd", "fp16/bf16 heavy"): {(64, 64, 32, 4, 3): 8},
+    ("linear_fwd", "fp32"): {(64, 64, 32, 8, 3): 8},
+    ("linear_bwd_input", "fp16/bf16"): {(128, 64, 32, 4, 4): 8, (128, 128, 64, 8, 3): 16, (128, 256, 64, 8, 3): 168},
+    ("linear_bwd_input", "fp16/bf16 heavy"): {(64, 64, 64, 4, 4): 16, (128, 128, 64, 8, 3): 1192,
+                                              (128, 256, 32, 8, 3): 48},
+    ("linear_bwd_input", "tf32"): {(64, 64, 32, 4, 3): 8, (64, 64, 64, 4, 3): 16, (128, 128, 64, 8, 2): 120,
+                                   (128, 256, 32, 8, 3): 48},
+    ("linear_bwd_input", "tf32 heavy"): {(64, 128, 32, 4, 4): 8, (128, 64, 32, 4, 4): 24, (128, 256, 32, 8, 3): 240},
+    ("linear_bwd_input", "fp32"): {(128, 128, 32, 8, 3): 64},
+    ("linear_bwd_input", "fp64"): {(64, 64, 32, 8, 3): 8, (64, 128, 16, 8, 3): 8},
+    ("linear_bwd_input", "fp64 heavy"): {(32, 32, 16, 8, 3): 8},
+    ("linear_bwd_weight", "fp16/bf16"): {(128, 128, 64, 8, 3): 80, (128, 256, 64, 8, 3): 376},
+    ("linear_bwd_weight", "fp16/bf16 heavy"): {(64, 64, 32, 4, 3): 8, (64, 64, 32, 8, 3): 16, (64, 128, 32, 4, 4): 96,
+                                               (128, 64, 32, 4, 4): 592, (128, 128, 32, 8, 3): 120,
+                                               (128, 256, 32, 8, 3): 432},
+    ("linear_bwd_weight", "tf32"): {(128, 128, 64, 8, 2): 32, (128, 256, 32, 8, 3): 272},
+    ("linear_bwd_weight", "tf32 heavy"): {(64, 64, 64, 4, 3): 80, (64, 128, 32, 4, 4): 48, (128, 64, 32, 4, 4): 256,
+                                          (128, 128, 32, 8, 3): 56, (128, 128, 64, 8, 2): 1056},
+    ("linear_bwd_weight", "fp32"): {(64, 64, 32, 8, 3): 8, (64, 64, 64, 4, 4): 384},
+    ("linear_bwd_weight", "fp64 heavy"): {(32, 32, 16, 8, 3): 16},
+}
+SM80_EXTRA = {
+    # FFMA with an activation's prologue: every tile of 128x128x32 or with 4 warps at 64x64x32
+    # spilled with some activation; these four are clean with all eight.
+    ("linear_bwd_input", "fp32"): ((128, 128, 16, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3),
+                                   (64, 64, 16, 4, 3)),
+    # The GELU/SiLU/sigmoid/tanh derivative on a (BLOCK_N, BLOCK_M) tile of g: nothing of the list
+    # is left; a 16-deep reduction keeps the 128x128 tile clean.
+    ("linear_bwd_weight", "fp16/bf16 heavy"): ((64, 32, 32, 4, 3), (128, 128, 16, 8, 3)),
+}
 
 
 def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
@@ -144,7 +179,7 @@ def config_tiles(kernel: str, name: str, capability: tuple[int, int] | None = No
     the interpreter runs), its default first."""
     tiles = KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
     if target.is_sm80_class(capability):
-        tiles = _without(tiles, *SM80_SPILLS.get((kernel, name), {}))
+        tiles = _without(tiles, *SM80_SPILLS.get((kernel, name), {})) + SM80_EXTRA.get((kernel, name), ())
     return tiles
 
 
@@ -166,12 +201,12 @@ def tile_of(config, kernel: str) -> tuple:
 def matmul_configs(kernel: str) -> list:
     """Every tile of every list of `kernel`, once each (the autotuner's `configs`; the prune picks a
     launch's list from them). The whole list also under the interpreter: the prune cuts it to one."""
-    names = [n for n in CONFIG_LISTS]
     tiles = []
-    for name in names:
-        for tile in config_tiles(kernel, name):
-            if tile not in tiles:
-                tiles.append(tile)
+    for name in CONFIG_LISTS:
+        for capability in (None, (8, 0)):
+            for tile in config_tiles(kernel, name, capability):
+                if tile not in tiles:
+                    tiles.append(tile)
     return [_config(KERNELS[kernel][0], t) for t in tiles]
 
 
