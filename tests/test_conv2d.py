@@ -139,6 +139,7 @@ RUN_AS = {
     "fp64": (torch.float64, False, "relu"),
     "fp64 heavy": (torch.float64, False, "gelu"),
     "few channels": (torch.float32, False, "relu"),
+    "fp64 few channels": (torch.float64, False, "relu"),
 }
 CONV_KERNELS = {name: getattr(K_, "_" + name) for name in K_.KERNELS}
 # 2x2 stride 2 on 24x23: M = 2*12*11 = 264 output pixels (and per stride phase of grad_input), a
@@ -154,7 +155,7 @@ FEW_CONFIG_CASE = (2, 3, 10, 9, 20, 3, 3, 1, 1, 1, 1)
 
 
 def _config_case(list_name):
-    if list_name == "few channels":
+    if list_name.endswith("few channels"):
         return FEW_CONFIG_CASE
     biggest = max(max(tile[:3]) for tile in K_.CONFIG_LISTS[list_name])
     return CONFIG_CASE if biggest > 128 else SMALL_CONFIG_CASE
@@ -197,7 +198,8 @@ PRECISIONS = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"),
 def test_prune_picks_the_launchs_list(monkeypatch, kernel, precision):
     dtype, input_precision = PRECISIONS[precision]
     few = {K_.KERNELS[kernel][1]: torch.empty(0, dtype=dtype), "C_g": 3}
-    assert K_.config_list_name(kernel, few, {"INPUT_PRECISION": input_precision, "ACTIVATION": 3}) == "few channels"
+    assert K_.config_list_name(kernel, few, {"INPUT_PRECISION": input_precision, "ACTIVATION": 3}) \
+        == ("fp64 few channels" if precision == "fp64" else "few channels")
     for code, heavy in ((0, False), (1, False), (3, True)):
         named = {K_.KERNELS[kernel][1]: torch.empty(0, dtype=dtype), "C_g": 64}
         kwargs = {"INPUT_PRECISION": input_precision, "ACTIVATION": code}
@@ -220,7 +222,7 @@ def test_config_tiles_fit_shared_memory():
     # Operand tiles x stages within the A100's 163 KB per block (the compiled sizes: fastdl inspect).
     for kernel in K_.KERNELS:
         for list_name in K_.CONFIG_LISTS:
-            itemsize = {"fp64": 8, "fp32": 4, "tf32": 4, "few": 8}.get(list_name.split()[0], 2)
+            itemsize = {"fp64": 8, "fp32": 4, "tf32": 4, "few": 4}.get(list_name.split()[0], 2)
             tiles = K_.config_tiles(kernel, list_name)
             assert len(tiles) == len(set(tiles)) >= 1
             for a, b, r, warps, stages in tiles:

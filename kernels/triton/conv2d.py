@@ -79,6 +79,7 @@ CONFIG_LISTS = {
     # C / groups < 16 (the stem's 3 channels): FEW_CHANNELS' per-column index math and gather, or
     # (grad_input) a channel tile mostly beyond C_g; 128-row tiles spilled 268-916 B there.
     "few channels": ((64, 64, 32, 4, 4), (64, 32, 32, 4, 3)),
+    "fp64 few channels": ((32, 32, 16, 4, 3), (32, 64, 16, 4, 3)),  # fp64 stem: 64x64x32 324 B, 64x32x32 26 B
 }
 # fp32 grad_weight (FFMA) spilled 456-494 B at 64x64x32 / 128x64x32, grad_input 2 B at 64x64x32 w4;
 # TF32 grad_input with gelu 4 B at 64x64x32; fp64 grad_input 4 B at 32x64x16 w8; the stem's
@@ -92,10 +93,10 @@ KERNEL_LISTS = {
     ("conv2d_bwd_input", "fp32"): ((128, 64, 32, 8, 3), (64, 32, 32, 4, 3)),
     ("conv2d_bwd_input", "fp64"): _FP64_BWD[:1],
     ("conv2d_bwd_input", "fp64 heavy"): _FP64_BWD[:1],
-    ("conv2d_bwd_weight", "fp32"): ((32, 64, 32, 4, 3), (32, 32, 32, 4, 3)),
+    ("conv2d_bwd_weight", "fp32"): ((32, 32, 32, 8, 3), (64, 32, 16, 4, 3)),
     ("conv2d_bwd_weight", "few channels"): ((32, 32, 32, 4, 3), (32, 64, 16, 4, 3)),
     ("conv2d_bwd_input", "few channels"): ((64, 16, 32, 4, 3), (32, 16, 32, 4, 3)),
-    ("conv2d_bwd_weight", "fp16/bf16 heavy"): _16[:3],  # 128x128x64: 13 B with gelu
+    ("conv2d_bwd_weight", "fp16/bf16 heavy"): _16[1:3],  # 128x128x64: 13 B with gelu, 128x64x32/4: 1 B
     ("conv2d_bwd_weight", "tf32"): _TF32,
     ("conv2d_bwd_weight", "fp64"): _FP64_BWD,
 }
@@ -106,7 +107,7 @@ def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     itemsize = named_args[KERNELS[kernel][1]].dtype.itemsize
     heavy = kwargs.get("ACTIVATION", 0) in HEAVY_EPILOGUES
     if named_args.get("C_g", FEW_CHANNELS_BELOW) < FEW_CHANNELS_BELOW:
-        return "few channels"
+        return "fp64 few channels" if itemsize == 8 else "few channels"
     if itemsize == 8:
         return "fp64" + (" heavy" if heavy else "")
     if itemsize == 4 and kwargs.get("INPUT_PRECISION", "ieee") == "ieee":
