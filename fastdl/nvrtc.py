@@ -7,11 +7,18 @@ nvidia-cuda-runtime wheel, CUDA_PATH / CUDA_HOME, /usr/local/cuda) that best mat
 
     ok, log = compile_source(path, "sm_90")
     compiled = compile_cubin(path, "sm_90")    # .cubin and .lowered too (fastdl inspect reads them)
+
+A compile is kept on disk under FASTDL_NVRTC_CACHE (a folder; unset: no cache), keyed by the
+whole source text, the name expressions, the options, the arch and the NVRTC version: the test
+suite, `fastdl verify` and `fastdl inspect` compile the same modules for the same targets, and a
+module such as conv2d.cu takes about a minute per target on two cores. .ci/run sets it.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -199,6 +206,57 @@ def compile_cubin(path_or_text, arch: str, name_expressions: tuple[str, ...] | N
     headers = header_options(nvrtc_version())
     options = [*OPTIONS, f"--gpu-architecture={arch}", *headers, *extra_options]
 
+    key = _cache_key(text, name, expressions, options)
+    cached = _cache_read(key)
+    if cached is not None:
+        return cached
+    compiled = _compile(nvrtc, text, name, expressions, options, headers)
+    _cache_write(key, compiled)
+    return compiled
+
+
+def _cache_dir() -> Path | None:
+    folder = os.environ.get("FASTDL_NVRTC_CACHE")
+    return Path(folder) if folder else None
+
+
+def _cache_key(text: str, name: str, expressions: tuple[str, ...], options: list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in (text, name, "\0".join(expressions), "\0".join(options), repr(nvrtc_version())):
+        digest.update(part.encode())
+        digest.update(b"\1")
+    return digest.hexdigest()
+
+
+def _cache_read(key: str) -> Compiled | None:
+    folder = _cache_dir()
+    if folder is None:
+        return None
+    try:
+        meta = json.loads((folder / f"{key}.json").read_text())
+        cubin = (folder / f"{key}.cubin").read_bytes() if meta["ok"] else b""
+    except (OSError, ValueError, KeyError):
+        return None
+    return Compiled(meta["ok"], meta["log"], cubin, meta["lowered"])
+
+
+def _cache_write(key: str, compiled: Compiled) -> None:
+    folder = _cache_dir()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # The cubin first, the metadata last (renamed into place): a reader that finds the .json
+        # finds its cubin.
+        (folder / f"{key}.cubin").write_bytes(compiled.cubin)
+        tmp = folder / f"{key}.json.{os.getpid()}"
+        tmp.write_text(json.dumps({"ok": compiled.ok, "log": compiled.log, "lowered": compiled.lowered}))
+        tmp.replace(folder / f"{key}.json")
+    except OSError:
+        pass  # a cache that cannot be written is no cache
+
+
+def _compile(nvrtc, text: str, name: str, expressions: tuple[str, ...], options: list[str], headers) -> Compiled:
     prog = _check(nvrtc, nvrtc.nvrtcCreateProgram(text.encode(), name.encode(), 0, [], []), "create")
     try:
         for expression in expressions:

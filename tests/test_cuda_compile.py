@@ -84,3 +84,20 @@ def test_backend_imports_without_cupy_and_names_the_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
     with pytest.raises(RuntimeError, match=r"fastdl\[cuda12\].*fastdl\[cuda13\]"):
         cupy_runtime._cupy()
+
+
+def test_nvrtc_cache_keys_on_the_source_and_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDL_NVRTC_CACHE", str(tmp_path))
+    source = 'extern "C" __global__ void bump(float* x) { x[threadIdx.x] += 1.0f; }\n'
+    first = nvrtc.compile_cubin(source, "sm_80", name_expressions=())
+    assert first.ok and len(list(tmp_path.glob("*.json"))) == 1
+    again = nvrtc.compile_cubin(source, "sm_80", name_expressions=())
+    assert (again.ok, again.cubin, again.log) == (first.ok, first.cubin, first.log)
+    # Another target, or one character of the source changed: compiled anew, kept beside it.
+    nvrtc.compile_cubin(source, "sm_90", name_expressions=())
+    changed = nvrtc.compile_cubin(source.replace("1.0f", "2.0f"), "sm_80", name_expressions=())
+    assert changed.ok and changed.cubin != first.cubin and len(list(tmp_path.glob("*.json"))) == 3
+    # A failed compile is kept as a failure, with its log.
+    broken = "__global__ void broken() { undefined_name = 1; }\n"
+    assert nvrtc.compile_source(broken, "sm_80") == nvrtc.compile_source(broken, "sm_80")
+    assert not nvrtc.compile_source(broken, "sm_80")[0]
