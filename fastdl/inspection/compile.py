@@ -88,7 +88,8 @@ def sampled_variants(variants, arch: str) -> dict:
 
     groups = {}
     for index, variant in enumerate(variants):
-        if variant.name not in MATMUL_KERNELS or variant.configs(arch) == [None]:
+        # (`is None`: triton.Config's __eq__ cannot compare with None.)
+        if variant.name not in MATMUL_KERNELS or variant.configs(arch)[0] is None:
             continue
         named = dict(zip(variant.jit_function.arg_names, variant.args))
         key = (variant.name, kernels.config_list_name(variant.name, named, variant.kwargs))
