@@ -140,6 +140,7 @@ RUN_AS = {
     "fp64 heavy": (torch.float64, False, "gelu"),
     "few channels": (torch.float32, False, "relu"),
     "fp64 few channels": (torch.float64, False, "relu"),
+    "fp32 few channels": (torch.float32, True, "gelu"),
 }
 CONV_KERNELS = {name: getattr(K_, "_" + name) for name in K_.KERNELS}
 # 2x2 stride 2 on 24x23: M = 2*12*11 = 264 output pixels (and per stride phase of grad_input), a
@@ -199,7 +200,8 @@ def test_prune_picks_the_launchs_list(monkeypatch, kernel, precision):
     dtype, input_precision = PRECISIONS[precision]
     few = {K_.KERNELS[kernel][1]: torch.empty(0, dtype=dtype), "C_g": 3}
     assert K_.config_list_name(kernel, few, {"INPUT_PRECISION": input_precision, "ACTIVATION": 3}) \
-        == ("fp64 few channels" if precision == "fp64" else "few channels")
+        == {"fp64": "fp64 few channels", "fp32": "fp32 few channels", "tf32": "fp32 few channels"}.get(
+            precision, "few channels")
     for code, heavy in ((0, False), (1, False), (3, True)):
         named = {K_.KERNELS[kernel][1]: torch.empty(0, dtype=dtype), "C_g": 64}
         kwargs = {"INPUT_PRECISION": input_precision, "ACTIVATION": code}
@@ -216,6 +218,13 @@ def test_prune_picks_the_launchs_list(monkeypatch, kernel, precision):
         monkeypatch.setattr(K_, "_FIRST_CONFIG_ONLY", True)
         # the autotuner prunes once per key: the key holds what config_list_name reads besides dtypes
         assert {"ACTIVATION", "INPUT_PRECISION"} <= set(autotuner.keys)
+
+
+def test_sm80_drops_its_spilling_tiles_and_keeps_a_default():
+    for (kernel, name), spills in K_.SM80_SPILLS.items():
+        everywhere, sm80 = K_.config_tiles(kernel, name), K_.config_tiles(kernel, name, (8, 0))
+        assert set(spills) <= set(everywhere) and not set(spills) & set(sm80) and sm80
+        assert K_.config_tiles(kernel, name, (9, 0)) == everywhere
 
 
 def test_config_tiles_fit_shared_memory():

@@ -39,6 +39,7 @@ Pointer offsets are int64: the activations of a large batch pass 2**31 elements.
 import triton
 import triton.language as tl
 
+from . import target
 from .linear import _activation, _activation_grad, _grouped_tile, _sum_splits, first_config_only  # noqa: F401
 
 # Channels per group below which FEW_CHANNELS folds s into the channel axis (tl.dot's minimum K).
@@ -80,6 +81,8 @@ CONFIG_LISTS = {
     # (grad_input) a channel tile mostly beyond C_g; 128-row tiles spilled 268-916 B there.
     "few channels": ((64, 64, 32, 4, 4), (64, 32, 32, 4, 3)),
     "fp64 few channels": ((32, 32, 16, 4, 3), (32, 64, 16, 4, 3)),  # fp64 stem: 64x64x32 324 B, 64x32x32 26 B
+    # 4-byte stem (fp32, TF32): 64x64x32 spilled 100-181 B on sm_80.
+    "fp32 few channels": ((64, 32, 32, 4, 3), (32, 32, 32, 4, 3)),
 }
 # fp32 grad_weight (FFMA) spilled 456-494 B at 64x64x32 / 128x64x32, grad_input 2 B at 64x64x32 w4;
 # TF32 grad_input with gelu 4 B at 64x64x32; fp64 grad_input 4 B at 32x64x16 w8; the stem's
@@ -95,10 +98,23 @@ KERNEL_LISTS = {
     ("conv2d_bwd_input", "fp64 heavy"): _FP64_BWD[:1],
     ("conv2d_bwd_weight", "fp32"): ((32, 32, 32, 8, 3), (64, 32, 16, 4, 3)),
     ("conv2d_bwd_weight", "few channels"): ((32, 32, 32, 4, 3), (32, 64, 16, 4, 3)),
+    ("conv2d_bwd_weight", "fp32 few channels"): ((32, 32, 16, 4, 3), (32, 32, 32, 8, 3)),  # 32x32x32/4: 112 B sm_80
+    ("conv2d_bwd_input", "fp64 few channels"): ((32, 64, 16, 4, 3),),  # 32x32x16: 5 B
     ("conv2d_bwd_input", "few channels"): ((64, 16, 32, 4, 3), (32, 16, 32, 4, 3)),
     ("conv2d_bwd_weight", "fp16/bf16 heavy"): _16[1:3],  # 128x128x64: 13 B with gelu, 128x64x32/4: 1 B
     ("conv2d_bwd_weight", "tf32"): _TF32,
     ("conv2d_bwd_weight", "fp64"): _FP64_BWD,
+}
+
+
+# Defaults that spill on sm_80 (mma.sync keeps operand fragments in registers; `fastdl inspect
+# --arch sm_80 --configs default`, bytes per thread): a launch on a compute capability 8.x GPU
+# (target.py) picks from its list without them, so the next tile is its default there.
+SM80_SPILLS = {
+    ("conv2d_fwd", "fp16/bf16 heavy"): {(128, 64, 32, 4, 3): 13},
+    ("conv2d_bwd_input", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 16},
+    ("conv2d_bwd_weight", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 46},
+    ("conv2d_fwd", "tf32"): {(128, 128, 32, 8, 3): 1},
 }
 
 
@@ -107,7 +123,7 @@ def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     itemsize = named_args[KERNELS[kernel][1]].dtype.itemsize
     heavy = kwargs.get("ACTIVATION", 0) in HEAVY_EPILOGUES
     if named_args.get("C_g", FEW_CHANNELS_BELOW) < FEW_CHANNELS_BELOW:
-        return "fp64 few channels" if itemsize == 8 else "few channels"
+        return {8: "fp64 few channels", 4: "fp32 few channels"}.get(itemsize, "few channels")
     if itemsize == 8:
         return "fp64" + (" heavy" if heavy else "")
     if itemsize == 4 and kwargs.get("INPUT_PRECISION", "ieee") == "ieee":
@@ -115,8 +131,13 @@ def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     return ("fp16/bf16" if itemsize == 2 else "tf32") + (" heavy" if heavy else "")
 
 
-def config_tiles(kernel: str, name: str) -> tuple:
-    return KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
+def config_tiles(kernel: str, name: str, capability: tuple[int, int] | None = None) -> tuple:
+    """The tiles of list `name` for `kernel` on a GPU of `capability` (None: the whole list, what the
+    interpreter runs), its default first."""
+    tiles = KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
+    if target.is_sm80_class(capability):
+        tiles = tuple(t for t in tiles if t not in SM80_SPILLS.get((kernel, name), {}))
+    return tiles
 
 
 _OUTER = {"BLOCK_K": ("BLOCK_M", "BLOCK_N"), "BLOCK_N": ("BLOCK_M", "BLOCK_K"), "BLOCK_M": ("BLOCK_N", "BLOCK_K")}
@@ -153,7 +174,8 @@ _FIRST_CONFIG_ONLY = first_config_only()
 def _pruner(kernel: str):
     def early_config_prune(configs, named_args, **kwargs):
         """The configs of this launch's list, in order; only its first where autotuning is off."""
-        tiles = config_tiles(kernel, config_list_name(kernel, named_args, kwargs))
+        tiles = config_tiles(kernel, config_list_name(kernel, named_args, kwargs),
+                             target.capability(named_args[KERNELS[kernel][1]]))
         picked = [c for t in tiles for c in configs if tile_of(c, kernel) == t]
         if not picked:  # configs pinned by a test that no list holds: keep them
             return configs
