@@ -65,7 +65,8 @@ def _known(params: list[tuple], failures: dict) -> list:
 @pytest.mark.parametrize("subset", list(SUBSETS))
 def test_every_variant_compiles(inspected, subset):
     rows = inspected[subset]
-    assert len(rows) >= 20
+    # Each subset compiles at least its three matmul kernels in more than one config or case.
+    assert len(rows) >= 10
     failed = [f"{r['arch']} {r['kernel']} [{r['case']}] {r['config']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, "\n".join(failed)
     assert {r["kind"] for r in rows} >= ({"triton", "cuda"} if SUBSETS[subset].get("cuda", True) else {"triton"})
@@ -98,7 +99,6 @@ SPILL_CASES = [(arch, kernel, precision) for arch, kernels, precisions in (
     ("sm_90", TRITON_MATMULS, ("fp16", "bf16", "tf32", "fp32", "fp64")),
     ("sm_80", TRITON_MATMULS, ("fp16", "bf16", "tf32")),
     ("sm_90", ("cross_entropy_fwd", "scale_rows"), ("fp16", "bf16", "fp32", "fp64")),
-    ("sm_90", ("linear_fwd.cu", "cross_entropy_fwd.cu"), ("fp16", "bf16", "fp32", "fp64")),
 ) for kernel in kernels for precision in precisions]
 SPILL_FAILURES: dict = {}  # the Triton matmuls: per-precision and per-epilogue config lists (kernels/triton/linear.py)
 
@@ -107,6 +107,16 @@ SPILL_FAILURES: dict = {}  # the Triton matmuls: per-precision and per-epilogue 
 def test_no_spills(inspected, arch, kernel, precision):
     rows = rows_of(inspected, arch, kernel, precision)
     spilling = [f"{r['case']} {r['config']}: {r['stack']} B" for r in rows if r["stack"] or r["spill_stores"]]
+    assert not spilling, spilling
+
+
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
+def test_no_cuda_instantiation_spills(inspected, arch):
+    """Every instantiation of every .cu source the cupy backend compiles (conv and pooling included as
+    they arrive: the rows come from nvrtc.cuda_sources())."""
+    rows = [r for subset in inspected.values() for r in subset if r["kind"] == "cuda" and r["arch"] == arch]
+    assert {r["kernel"] for r in rows} >= set(CUDA_MATMULS) | {"cross_entropy_fwd.cu", "scale_rows.cu"}
+    spilling = [f"{r['case']}: {r['stack']} B" for r in rows if r.get("error") is None and (r["stack"] or r["spill_stores"])]
     assert not spilling, spilling
 
 

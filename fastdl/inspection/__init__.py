@@ -14,8 +14,9 @@ Method.
    divisible by 16 get tt.divisibility=16, an int equal to 1 becomes a constexpr, i32 or i64 by
    value) and JITFunction._pack_args. Launches with the same specialization are one variant.
 3. Compile every variant with every autotune config the autotuner can pick for it: the kernel's
-   early_config_prune applied to the variant's arguments, as Autotuner.run applies it (the matmuls
-   pick from one list per precision and epilogue; `--configs all` compiles the pickable ones and
+   early_config_prune applied to the variant's arguments, as Autotuner.run applies it, choosing for
+   the arch compiled (fastdl.kernels.triton.target: the matmuls pick from one list per precision,
+   epilogue and target; `--configs all` compiles the pickable ones and
    reports how many the lists pruned, `default` the first of each, `sample` the first plus each
    list's biggest tile in its heaviest-epilogue variant), through triton.compile(ASTSource(...),
    target=GPUTarget("cuda", 80 or 90, 32)); triton picks its bundled ptxas-blackwell for sm_90.
