@@ -88,10 +88,10 @@ CONFIG_LISTS = {
 # TF32 grad_input with gelu 4 B at 64x64x32; fp64 grad_input 4 B at 32x64x16 w8; the stem's
 # grad_weight 149 B / 4 B at 64x64x32 / 64x32x32.
 KERNEL_LISTS = {
-    ("conv2d_fwd", "tf32"): _TF32[:2],
+    ("conv2d_fwd", "tf32"): _TF32[1:2],  # 128x128x32/8 warps: 2-5 B at the 1x1 layers
     ("conv2d_bwd_input", "fp16/bf16"): ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
     ("conv2d_bwd_input", "fp16/bf16 heavy"): ((128, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
-    ("conv2d_bwd_input", "tf32"): ((64, 64, 32, 4, 4),),  # 128x64 79 B, 128x128 10 B
+    ("conv2d_bwd_input", "tf32"): ((64, 32, 32, 4, 3),),  # 128x64 79 B, 128x128 10 B, 64x64x32 10 B (3x3/2)
     ("conv2d_bwd_input", "tf32 heavy"): ((64, 32, 32, 4, 3),),
     ("conv2d_bwd_input", "fp32"): ((128, 64, 32, 8, 3), (64, 32, 32, 4, 3)),
     ("conv2d_bwd_input", "fp64"): _FP64_BWD[:1],
@@ -102,7 +102,7 @@ KERNEL_LISTS = {
     ("conv2d_bwd_input", "fp64 few channels"): ((32, 64, 16, 4, 3),),  # 32x32x16: 5 B
     ("conv2d_bwd_input", "few channels"): ((64, 16, 32, 4, 3), (32, 16, 32, 4, 3)),
     ("conv2d_bwd_weight", "fp16/bf16 heavy"): _16[1:3],  # 128x128x64: 13 B with gelu, 128x64x32/4: 1 B
-    ("conv2d_bwd_weight", "tf32"): _TF32,
+    ("conv2d_bwd_weight", "tf32"): _TF32[:2],  # 128x64x32/4 warps: 1 B (3x3/2)
     ("conv2d_bwd_weight", "fp64"): _FP64_BWD,
 }
 
@@ -114,7 +114,6 @@ SM80_SPILLS = {
     ("conv2d_fwd", "fp16/bf16 heavy"): {(128, 64, 32, 4, 3): 13},
     ("conv2d_bwd_input", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 16},
     ("conv2d_bwd_weight", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 46},
-    ("conv2d_fwd", "tf32"): {(128, 128, 32, 8, 3): 1},
 }
 
 
