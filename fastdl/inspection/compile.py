@@ -18,7 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 # Kernels whose work is a matmul (tensor cores expected) and those bound by memory bandwidth.
-MATMUL_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate")
+MATMUL_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate",
+                  "conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
 MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits", "max_pool2d_fwd", "max_pool2d_bwd")
 
 _VARIANTS: list = []  # set before the worker pool forks: tasks name variants by index
@@ -75,24 +76,27 @@ def _sample_rank(variant) -> tuple:
             not kw.get("ACCUMULATE", True), variant.cases[0][0])
 
 
-def _tile_size(kernel: str, config) -> tuple:
-    from fastdl.kernels.triton import linear as kernels
+def _config_lists(kernel: str):
+    """The kernel module whose config lists (config_list_name, tile_of) a matmul kernel uses."""
+    import importlib
 
-    a, b, r, warps, stages = kernels.tile_of(config, kernel)
+    return importlib.import_module(f"fastdl.kernels.triton.{kernel.split('_')[0]}")
+
+
+def _tile_size(kernel: str, config) -> tuple:
+    a, b, r, warps, stages = _config_lists(kernel).tile_of(config, kernel)
     return (a * b / (32 * warps), (a + b) * r * stages)
 
 
 def sampled_variants(variants, arch: str) -> dict:
     """{variant index: [config index]} that `--configs sample` adds to the default configs on `arch`."""
-    from fastdl.kernels.triton import linear as kernels
-
     groups = {}
     for index, variant in enumerate(variants):
         # (`is None`: triton.Config's __eq__ cannot compare with None.)
         if variant.name not in MATMUL_KERNELS or variant.configs(arch)[0] is None:
             continue
         named = dict(zip(variant.jit_function.arg_names, variant.args))
-        key = (variant.name, kernels.config_list_name(variant.name, named, variant.kwargs))
+        key = (variant.name, _config_lists(variant.name).config_list_name(variant.name, named, variant.kwargs))
         if key not in groups or _sample_rank(variant) < _sample_rank(variants[groups[key]]):
             groups[key] = index
     out = {}
