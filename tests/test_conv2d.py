@@ -299,6 +299,22 @@ def test_memory_format_follows_torch(backend):
         assert xf.grad.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_channels_last_weight_makes_the_output_channels_last_as_torch(backend):
+    # torch: the output is channels_last when the input or the weight is.
+    x = make_tensor((2, 4, 6, 6), F64, seed=1).requires_grad_()
+    w = make_tensor((5, 4, 3, 3), F64, seed=2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with fastdl.use_backend(backend):
+        out = fastdl.functional.conv2d(x, w, padding=1)
+    expected = F.conv2d(x, w, padding=1)
+    assert out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    expected_grads = torch.autograd.grad(expected, (x, w), torch.ones_like(expected))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("activation", fastdl.functional.ACTIVATIONS)
 def test_nan_and_inf_propagate_like_torch(activation):
     x = make_tensor((1, 3, 5, 5), seed=1)

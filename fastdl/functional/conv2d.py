@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from fastdl import ops
 from fastdl.functional._checks import (_TORCH_ACTIVATIONS, _autocast, _check_dense_dtypes, _check_same_device,
@@ -60,6 +61,10 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
                            f"Kernel size: ({dilated[0]} x {dilated[1]}). Kernel size can't be greater than actual "
                            f"input size (input {_shape(input)}, weight {_shape(weight)})")
     padding4 = [top, bottom, left, right]
+    if suggest_memory_format(weight) == torch.channels_last and suggest_memory_format(x) != torch.channels_last:
+        # torch's convolutions return channels_last when the input or the weight is; the ops follow the
+        # input, so it goes in as channels_last (the Triton kernels change an NCHW input to that anyway).
+        x = x.contiguous(memory_format=torch.channels_last)
     backend = backend_for(input.device, input, weight, bias)
     if N == 0 or C == 0:
         out = _empty_batch(x, weight, bias, stride, padding4, dilation, activation, negative_slope)
