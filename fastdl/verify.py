@@ -339,3 +339,52 @@ def _check_max_pool2d(backend, dtype, device):
                 else:
                     yield _exact_row("max_pool2d", backend, dtype, label, "indices", result[1], saved["indices"])
                 yield compare_row("max_pool2d", backend, dtype, label, "grad_input" + suffix, xg.grad, want_grad)
+
+
+# --- conv2d ----------------------------------------------------------------------------------------
+# (The oracle itself is proven against torch in tests/test_conv2d.py's reference-backend cases.)
+
+def conv2d_cases(device: str) -> list[tuple]:
+    """(N, C, H, W, K, R, S, stride, padding, dilation, groups, activation, note): small odd shapes
+    everywhere (the 7x7/2 stem's few-channel path, a 3x3/2 through grad_input's stride phases, a 1x1/2
+    downsample); ResNet-50's layers at batch 8 on CUDA. (Groups and dilation: tests/test_conv2d.py.)"""
+    cases = [(1, 3, 9, 8, 8, 7, 7, 2, 3, 1, 1, "relu", "stem C=3"),
+             (1, 18, 7, 6, 12, 3, 3, 2, 1, 1, 1, "gelu", "3x3/2"),
+             (1, 24, 6, 5, 16, 1, 1, 2, 0, 1, 1, None, "1x1/2 downsample")]
+    if device == "cuda":
+        cases += [(8, 3, 224, 224, 64, 7, 7, 2, 3, 1, 1, "relu", "ResNet-50 stem"),
+                  (8, 128, 56, 56, 128, 3, 3, 2, 1, 1, 1, "relu", "ResNet-50 3x3/2"),
+                  (8, 256, 56, 56, 64, 1, 1, 1, 0, 1, 1, None, "ResNet-50 1x1")]
+    return cases
+
+
+@check("conv2d")
+def _check_conv2d(backend, dtype, device):
+    from fastdl import backends
+    from fastdl.reference import conv2d as ref
+
+    if not hasattr(backends.get(backend), "conv2d_fwd"):
+        yield note_row("conv2d", backend, dtype_name(dtype), "-", "all", "not checked", "no launcher yet")
+        return
+    tf32 = dtype == torch.float32 and device == "cuda" and torch.backends.cudnn.allow_tf32
+    for N, C, H, W, K, R, S, stride, padding, dilation, groups, activation, note in conv2d_cases(device):
+        s, pad, d, groups_ = ref.normalize_args((R, S), stride, padding, dilation, groups)
+        for layout in ("channels_last", "contiguous"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = testing.make_tensor((N, C, H, W), dtype, device, seed=1).contiguous(memory_format=fmt)
+            w = testing.make_tensor((K, C // groups, R, S), dtype, device, seed=2,
+                                    scale=(C // groups * R * S) ** -0.5).contiguous(memory_format=fmt)
+            b = testing.make_tensor((K,), dtype, device, seed=3)
+            for t in (x, w, b):
+                t.requires_grad_()
+            with fastdl.use_backend(backend):
+                out = fastdl.functional.conv2d(x, w, b, stride, padding, dilation, groups, activation=activation)
+            g = testing.make_tensor(tuple(out.shape), dtype, device, seed=4).contiguous(memory_format=fmt)
+            out.backward(g)
+            expected, saved = ref.forward(_np(x), _np(w), _np(b), s, pad, d, groups_, activation)
+            grads = ref.backward(_np(g), saved)
+            label = (f"{N}x{C}x{H}x{W} k{K}x{R}x{S} s{_pair(s)} p{padding} "
+                     f"d{_pair(d)} g{groups} {activation or 'none'} ({note}) {layout}")
+            yield compare_row("conv2d", backend, dtype, label, "out", out, expected, tf32)
+            for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad), grads):
+                yield compare_row("conv2d", backend, dtype, label, name, got, want, tf32)

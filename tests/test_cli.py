@@ -49,6 +49,24 @@ def test_verify_max_pool2d_rows_cover_layouts_paths_and_indices(tmp_path, monkey
     assert len(rows) == 2 * 2 * 4 * len(verify.max_pool2d_cases("cpu"))
 
 
+def test_verify_conv2d_rows_cover_layouts_gradients_and_the_stem(tmp_path, monkeypatch):
+    # Interpreter rows: both layouts, out and the three gradients, the C=3 stem and a strided shape.
+    monkeypatch.setattr(verify, "DTYPES", (torch.bfloat16, torch.float64))
+    full = verify.conv2d_cases("cpu")
+    assert any(c[1] == 3 and c[5] == 7 for c in full) and all(c[7] == 2 for c in full)
+    cases = full[:2]  # the stem and the 3x3/2 (the whole list: `fastdl verify`)
+    monkeypatch.setattr(verify, "conv2d_cases", lambda device: cases)
+    path = tmp_path / "verify.json"
+    assert cli.main(["verify", "--backends", "triton", "--ops", "conv2d", "--json", str(path)]) == 0
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["op"] == "conv2d"]
+    assert rows and all(r["status"] == "pass" for r in rows)
+    assert {r["dtype"] for r in rows} == {"bfloat16", "float64"}
+    assert {r["check"] for r in rows} == {"out", "grad_input", "grad_weight", "grad_bias"}
+    assert {r["shape"].rsplit(" ", 1)[1] for r in rows} == {"channels_last", "contiguous"}
+    assert any("stem C=3" in r["shape"] for r in rows) and any(" s2 " in r["shape"] for r in rows)
+    assert len(rows) == 2 * 2 * 4 * 2
+
+
 def test_verify_indices_row_is_exact():
     want = np.arange(6).reshape(2, 3)
     same = verify._exact_row("max_pool2d", "triton", torch.float32, "-", "indices", torch.tensor(want), want)
