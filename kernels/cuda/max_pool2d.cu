@@ -32,6 +32,7 @@
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include "elements.cuh"
 
 // Threads per block; the launcher's POOL_THREADS.
 #define POOL_THREADS 256
@@ -48,20 +49,6 @@
 #define SAVE_INDEX 2
 
 namespace pool {
-
-template <typename T> struct Accumulator { typedef float type; };
-template <> struct Accumulator<double> { typedef double type; };
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename Accumulator<T>::type v);
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 
 template <typename Acc> __device__ __forceinline__ Acc neg_inf();
 template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
