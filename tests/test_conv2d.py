@@ -225,6 +225,33 @@ def test_sm80_drops_its_spilling_tiles_and_keeps_a_default():
         everywhere, sm80 = K_.config_tiles(kernel, name), K_.config_tiles(kernel, name, (8, 0))
         assert set(spills) <= set(everywhere) and not set(spills) & set(sm80) and sm80
         assert K_.config_tiles(kernel, name, (9, 0)) == everywhere
+    for (kernel, name), extra in K_.SM80_EXTRA.items():
+        sm80 = K_.config_tiles(kernel, name, (8, 0))
+        assert set(extra) <= set(sm80) and not set(extra) & set(K_.config_tiles(kernel, name, (9, 0)))
+        assert not set(extra) & set(K_.SM80_SPILLS.get((kernel, name), {}))
+        # the autotuner holds them, so an sm_80 prune can pick them
+        assert set(extra) <= {K_.tile_of(c, kernel) for c in CONV_KERNELS[kernel].configs}
+
+
+@pytest.mark.parametrize("kernel, list_name, tile", [
+    pytest.param(kernel, name, tile, id=f"{kernel}-{name}-{'x'.join(map(str, tile))}")
+    for (kernel, name), tiles in K_.SM80_EXTRA.items() for tile in tiles])
+def test_sm80_extra_tiles_match_reference(monkeypatch, kernel, list_name, tile):
+    # The sm_80-only tiles are in no list the interpreter runs: pin each on its kernel (the others at
+    # their list's default) and check the whole conv against the reference.
+    from fastdl.backends.triton import conv2d as launcher
+
+    dtype, tf32, activation = RUN_AS[list_name]
+    config = K_._config(kernel, tile)
+    autotuner = CONV_KERNELS[kernel]
+    monkeypatch.setattr(autotuner, "configs", [config])
+    monkeypatch.setattr(autotuner, "cache", {})
+    monkeypatch.setattr(autotuner, "best_config", None, raising=False)
+    if tf32:
+        monkeypatch.setattr(launcher, "input_precision", lambda input: "tf32")
+    case = FEW_CONFIG_CASE if list_name.endswith("few channels") else SMALL_CONFIG_CASE
+    run_conv2d("triton", dtype, case + (activation,), "channels_last")
+    assert autotuner.best_config is config
 
 
 def test_config_tiles_fit_shared_memory():

@@ -81,8 +81,11 @@ CONFIG_LISTS = {
     # (grad_input) a channel tile mostly beyond C_g; 128-row tiles spilled 268-916 B there.
     "few channels": ((64, 64, 32, 4, 4), (64, 32, 32, 4, 3)),
     "fp64 few channels": ((32, 32, 16, 4, 3), (32, 64, 16, 4, 3)),  # fp64 stem: 64x64x32 324 B, 64x32x32 26 B
-    # 4-byte stem (fp32, TF32): 64x64x32 spilled 100-181 B on sm_80.
-    "fp32 few channels": ((64, 32, 32, 4, 3), (32, 32, 32, 4, 3)),
+    # 4-byte stem (fp32, TF32; FFMA or mma with FEW_CHANNELS' per-column index math): 64x64x32
+    # spilled 100-181 B on sm_80; 64x32x32 80 B (sm_80) / 168 B (sm_90), 32x32x32 72 B with 4 warps
+    # (fp32, sm_90) and 24 B with 8 (TF32, sm_90), 64x32x16/8 warps 16 B (TF32, sm_80): 16-deep tiles
+    # or 16 output channels a tile are clean on both.
+    "fp32 few channels": ((32, 32, 16, 4, 3), (64, 16, 32, 8, 3), (32, 32, 16, 8, 2), (32, 16, 16, 4, 3)),
 }
 # fp32 grad_weight (FFMA) spilled 456-494 B at 64x64x32 / 128x64x32, grad_input 2 B at 64x64x32 w4;
 # TF32 grad_input with gelu 4 B at 64x64x32; fp64 grad_input 4 B at 32x64x16 w8; the stem's
@@ -98,7 +101,11 @@ KERNEL_LISTS = {
     ("conv2d_bwd_input", "fp64 heavy"): _FP64_BWD[:1],
     ("conv2d_bwd_weight", "fp32"): ((32, 32, 32, 8, 3), (64, 32, 16, 4, 3)),
     ("conv2d_bwd_weight", "few channels"): ((32, 32, 32, 4, 3), (32, 64, 16, 4, 3)),
-    ("conv2d_bwd_weight", "fp32 few channels"): ((32, 32, 16, 4, 3), (32, 32, 32, 8, 3)),  # 32x32x32/4: 112 B sm_80
+    # the 4-byte stem's grad_weight: 32x32x16 with 3 stages 8 B (TF32; 4 warps sm_90, 8 warps both),
+    # 32x16x16 8 B (TF32, sm_80); grad_input: 64x32x32 24-48 B and 32x32x32 8-24 B on both archs,
+    # 64x16x32 8-48 B; a 16-channel tile covers C = 3
+    ("conv2d_bwd_weight", "fp32 few channels"): ((32, 32, 32, 8, 3), (32, 32, 16, 8, 2)),
+    ("conv2d_bwd_input", "fp32 few channels"): ((32, 16, 16, 4, 3), (32, 32, 16, 4, 3), (32, 32, 16, 8, 2)),
     ("conv2d_bwd_input", "fp64 few channels"): ((32, 64, 16, 4, 3),),  # 32x32x16: 5 B
     ("conv2d_bwd_input", "few channels"): ((64, 16, 32, 4, 3), (32, 16, 32, 4, 3)),
     ("conv2d_bwd_weight", "fp16/bf16 heavy"): _16[1:3],  # 128x128x64: 13 B with gelu, 128x64x32/4: 1 B
@@ -107,13 +114,28 @@ KERNEL_LISTS = {
 }
 
 
-# Defaults that spill on sm_80 (mma.sync keeps operand fragments in registers; `fastdl inspect
-# --arch sm_80 --configs default`, bytes per thread): a launch on a compute capability 8.x GPU
-# (target.py) picks from its list without them, so the next tile is its default there.
+# Tiles that spill on sm_80 (mma.sync keeps operand fragments in registers; `fastdl inspect --arch
+# sm_80 --configs all --op conv2d`, bytes per thread, worst variant): a launch on a compute
+# capability 8.x GPU (target.py) picks from its list without them (plus SM80_EXTRA), so the next
+# tile is its default there.
 SM80_SPILLS = {
-    ("conv2d_fwd", "fp16/bf16 heavy"): {(128, 64, 32, 4, 3): 13},
-    ("conv2d_bwd_input", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 16},
     ("conv2d_bwd_weight", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 46},
+    ("conv2d_fwd", "fp16/bf16 heavy"): {(128, 64, 32, 4, 3): 13, (128, 128, 64, 8, 3): 48},
+    ("conv2d_bwd_input", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 16, (64, 64, 32, 4, 4): 24},
+    ("conv2d_bwd_input", "tf32 heavy"): {(64, 32, 32, 4, 3): 8},
+    ("conv2d_bwd_input", "few channels"): {(32, 16, 32, 4, 3): 16},
+    ("conv2d_bwd_weight", "few channels"): {(32, 64, 16, 4, 3): 16},
+    ("conv2d_bwd_input", "fp64 few channels"): {(32, 64, 16, 4, 3): 40},
+}
+# Tiles compiled clean on sm_80 where the list had spilled down to nothing (every variant of the list
+# at ResNet-50's layers): a launch there picks from its list less SM80_SPILLS plus these.
+SM80_EXTRA = {
+    # grad_out * GELU'(z) on the (BLOCK_M, BLOCK_N) tile: 64x32x32 with 4 warps 16 B, 8 warps clean
+    ("conv2d_bwd_input", "fp16/bf16 heavy"): ((64, 64, 32, 8, 3), (64, 32, 32, 8, 3)),
+    # 64x32x32/8 warps 24 B, 32x32x32/4 32 B; a 16-deep reduction is clean
+    ("conv2d_bwd_input", "tf32 heavy"): ((64, 32, 16, 4, 3),),
+    # the fp64 stem's grad_input: 32x32x16, 32x16x16 and 16x32x16 with 3 stages 8-16 B; 2 stages clean
+    ("conv2d_bwd_input", "fp64 few channels"): ((32, 16, 16, 4, 2), (32, 32, 16, 4, 2)),
 }
 
 
@@ -136,6 +158,7 @@ def config_tiles(kernel: str, name: str, capability: tuple[int, int] | None = No
     tiles = KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
     if target.is_sm80_class(capability):
         tiles = tuple(t for t in tiles if t not in SM80_SPILLS.get((kernel, name), {}))
+        tiles += tuple(t for t in SM80_EXTRA.get((kernel, name), ()) if t not in tiles)
     return tiles
 
 
@@ -164,6 +187,7 @@ def _all_configs(kernel: str) -> list:
     tiles = []
     for name in CONFIG_LISTS:
         tiles += [t for t in config_tiles(kernel, name) if t not in tiles]
+        tiles += [t for t in SM80_EXTRA.get((kernel, name), ()) if t not in tiles]
     return [_config(kernel, t) for t in tiles]
 
 
