@@ -130,3 +130,46 @@ def test_bench_progress_line_gives_bandwidth_for_memory_bound_ops():
                flops=0.0, tflops=0.0, gbps=3500.0, bandwidth_fraction=0.81, speedup_vs_torch=1.5, floor_fraction=0.8)
     line = runner._progress(rec)
     assert "3500 GB/s 0.81 bw" in line and "TFLOP/s" not in line
+
+
+# --- conv2d: bench cases ---------------------------------------------------------------------------
+
+def test_bench_conv2d_cases_and_cost():
+    from fastdl import bench
+    from fastdl.bench import conv2d as conv_bench
+
+    full = bench.OPS["conv2d"].workloads(False)
+    # ResNet-50's layers at batch 32, bf16/fp16/TF32, both layouts; labels unique per dtype.
+    assert {w.shape[0] for w in full} == {32}
+    assert {(w.dtype, w.param["layout"]) for w in full} == {(d, l) for d in ("bf16", "fp16", "tf32")
+                                                          for l in ("channels_last", "NCHW")}
+    assert len(full) == len(conv_bench.LAYERS) * 6 and len({(w.dtype, w.label) for w in full}) == len(full)
+    assert any(w.shape[1] == 3 and w.shape[5] == 7 for w in full)  # the stem
+    quick = bench.OPS["conv2d"].workloads(True)
+    assert 0 < len(quick) < len(full)
+    cases = bench.cases("conv2d")
+    assert {c.mode for c in cases} == set(bench.MODES) and {"torch", "torch-compile", "fastdl-triton"} <= {
+        c.provider for c in cases}
+    assert len({c.id for c in cases}) == len(cases)
+    # The stem: (32, 3, 224, 224) -> (32, 64, 112, 112); 2 NPQKCRS FLOPs forward, twice that backward.
+    w = next(w for w in full if w.dtype == "bf16" and w.label.startswith("stem"))
+    assert conv_bench.output_shape(w) == (32, 64, 112, 112)
+    flops = 2.0 * 32 * 112 * 112 * 64 * 3 * 7 * 7
+    x, weight, out = 32 * 3 * 224 * 224, 64 * 3 * 7 * 7, 32 * 64 * 112 * 112
+    assert bench.OPS["conv2d"].cost(w, "forward") == (flops, 2 * (x + weight + out))
+    assert bench.OPS["conv2d"].cost(w, "backward") == (2 * flops, 2 * (out + 2 * x + 2 * weight))
+    assert bench.OPS["conv2d"].cost(w, "forward+backward") == (3 * flops, 2 * (2 * x + 2 * weight + 2 * out))
+
+
+def test_bench_conv2d_functions_agree_on_cpu():
+    from fastdl import bench
+
+    spec = bench.OPS["conv2d"]
+    w = next(w for w in spec.workloads(True) if w.param["stride"] == 2)
+    x = torch.randn(2, 3, 15, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 3, 7, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with fastdl.use_backend("reference"):
+        ours = spec.fastdl_fn(w)(x, weight)
+    theirs = spec.torch_fn(w)(x, weight)
+    torch.testing.assert_close(ours, theirs)
+    assert ours.stride() == theirs.stride()
