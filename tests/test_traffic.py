@@ -85,6 +85,13 @@ def test_torch_op_bytes_rules():
     assert _aten_bytes(lambda: a.clone().copy_(b))[1] == ("aten.copy_.default", 2 * 512)
     assert _aten_bytes(lambda: a * row.expand(8, 16))[1] == ("aten.mul.Tensor", 2 * 512 + 64)  # broadcast: 16 floats
     assert _aten_bytes(lambda: a * a) == [("aten.mul.Tensor", 2 * 512)]                 # one tensor read once
+    # aten.contiguous (as a custom op's body dispatches it, undecomposed): its schema says view, but
+    # a layout change is a copy (conv2d's NCHW operands)
+    x = torch.randn(2, 4, 4, 4)
+    contiguous = torch.ops.aten.contiguous.default
+    assert traffic.aten_op_bytes(contiguous, (x,), {}, x) == 0
+    assert traffic.aten_op_bytes(contiguous, (x,), {"memory_format": torch.channels_last},
+                                 x.contiguous(memory_format=torch.channels_last)) == 2 * 512
 
 
 def test_nll_loss_counts_what_it_gathers():

@@ -15,9 +15,9 @@ fastdl  For each kernel launch, the distinct bytes its loads read plus the disti
         bf16 launchers run as they do on a GPU (without the interpreter's float32 stand-ins of
         fastdl.backends.triton._launch.interpreter_bf16), so bf16 bytes are 2 per element.
 torch   The same forward and backward written with torch ops (F.linear + activation,
-        F.cross_entropy, F.cross_entropy(F.linear(...))), under a TorchDispatchMode adding, per
-        aten op, the bytes of its tensor inputs and outputs: each tensor's storage span (numel x
-        element size when contiguous; a broadcast tensor's few real elements), each tensor once
+        F.cross_entropy, F.cross_entropy(F.linear(...)), F.max_pool2d, F.relu(F.conv2d)), under
+        a TorchDispatchMode adding, per aten op, the bytes of its tensor inputs and outputs: each
+        tensor's storage span (numel x element size when contiguous; a broadcast tensor's few real elements), each tensor once
         per op. Views and allocations (torch.empty) move no bytes. An argument an op writes in
         place is read and written, except for write-only ops (zero_, fill_, copy_'s destination,
         out= arguments). Two ops read less than their inputs and are counted by what they read:
@@ -25,7 +25,9 @@ torch   The same forward and backward written with torch ops (F.linear + activat
         reads them (it zero-fills grad_input and scatters into it); counting their whole inputs
         would credit fastdl with passes torch does not make. max_pool2d_with_indices_backward
         likewise takes the input for its shape only (its CUDA kernels read grad_output and the
-        indices, never the input's values).
+        indices, never the input's values). aten.contiguous, which a custom op's body dispatches
+        undecomposed and whose schema says view, counts as the copy it is when it changes the
+        layout (conv2d's NCHW operands go channels_last on the way in and back on the way out).
 floor   Every tensor the computation consumes read once and every tensor it produces written
         once, nothing saved in between:
           forward           inputs + outputs
@@ -96,6 +98,8 @@ def _is_view(func) -> bool:
 
 def aten_op_bytes(func, args, kwargs, out) -> int:
     """Bytes one aten op reads and writes (see the module docstring for the rules)."""
+    if func == aten.contiguous.default and isinstance(out, torch.Tensor) and out.data_ptr() != args[0].data_ptr():
+        return tensor_bytes(args[0]) + tensor_bytes(out)  # a layout change: a copy (its schema says view)
     if func in _NO_BYTES or _is_view(func):
         return 0
     written, read = {}, {}
@@ -455,6 +459,27 @@ def max_pool2d_case(N: int, C: int, H: int, W: int, dtype: torch.dtype, channels
                 lambda x: F.max_pool2d(x, 3, 2, 1))
 
 
+def conv2d_case(N: int, C: int, H: int, W: int, K: int, dtype: torch.dtype, channels_last: bool = True) -> Case:
+    """A ResNet 3x3 layer (stride 1, padding 1) with its relu fused. torch eager: convolution, relu
+    (and threshold_backward, convolution_backward); fastdl saves a 1-byte relu mask."""
+    import fastdl
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = _randn(N, C, H, W, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+        w = _randn(K, C, 3, 3, dtype=dtype, generator=g, scale=(C * 9) ** -0.5, requires_grad=False)
+        w = w.to(memory_format=fmt)
+        b = _randn(K, dtype=dtype, generator=g)
+        grad = _randn(N, K, H, W, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+        return (x.requires_grad_(), w.requires_grad_(), b), grad
+
+    layout = "channels_last" if channels_last else "NCHW"
+    return Case("conv2d+relu", f"{N}x{C}x{H}x{W} -> {K} 3x3 pad 1 {layout}", dtype, make,
+                lambda x, w, b: fastdl.functional.conv2d(x, w, b, 1, 1, activation="relu"),
+                lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1)))
+
+
 @contextlib.contextmanager
 def _environ(name: str, value: Optional[str]):
     before = os.environ.get(name)
@@ -479,6 +504,8 @@ def default_cases() -> list[Case]:
     cases.append(linear_cross_entropy_case(128, 256, 4000, torch.bfloat16, chunk_rows=32))
     cases += [max_pool2d_case(4, 64, 32, 32, dtype, channels_last)
               for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False))]
+    cases += [conv2d_case(2, 64, 16, 16, 64, dtype, channels_last)
+              for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, False))]
     return cases
 
 
