@@ -17,10 +17,10 @@ fastdl  For each kernel launch, the distinct bytes its loads read plus the disti
 torch   The same forward and backward written with torch ops (F.linear + activation,
         F.cross_entropy, F.cross_entropy(F.linear(...)), F.max_pool2d, F.relu(F.conv2d)), under
         a TorchDispatchMode adding, per aten op, the bytes of its tensor inputs and outputs: each
-        tensor's storage span (numel x element size when contiguous; a broadcast tensor's few real elements), each tensor once
-        per op. Views and allocations (torch.empty) move no bytes. An argument an op writes in
-        place is read and written, except for write-only ops (zero_, fill_, copy_'s destination,
-        out= arguments). Two ops read less than their inputs and are counted by what they read:
+        tensor's storage span (numel x element size when contiguous; a broadcast tensor's few real
+        elements), each tensor once per op. Views and allocations (torch.empty) move no bytes. An
+        argument an op writes in place is read and written, except for write-only ops (zero_,
+        fill_, copy_'s destination, out= arguments). Two ops read less than their inputs and are counted by what they read:
         nll_loss's forward gathers one element per row of log-probabilities, its backward never
         reads them (it zero-fills grad_input and scatters into it); counting their whole inputs
         would credit fastdl with passes torch does not make. max_pool2d_with_indices_backward
