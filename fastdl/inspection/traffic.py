@@ -21,8 +21,9 @@ torch   The same forward and backward written with torch ops (F.linear + activat
         elements), each tensor once per op. Views and allocations (torch.empty) move no bytes. An
         argument an op writes in place is read and written, except for write-only ops (zero_,
         fill_, copy_'s destination, out= arguments). Two ops read less than their inputs and are
-        counted by what they read: nll_loss's forward gathers one element per row of log-probabilities, its backward never
-        reads them (it zero-fills grad_input and scatters into it); counting their whole inputs
+        counted by what they read: nll_loss's forward gathers one element per row of
+        log-probabilities, its backward never reads them (it zero-fills grad_input and scatters
+        into it); counting their whole inputs
         would credit fastdl with passes torch does not make. max_pool2d_with_indices_backward
         likewise takes the input for its shape only (its CUDA kernels read grad_output and the
         indices, never the input's values). aten.contiguous, which a custom op's body dispatches
