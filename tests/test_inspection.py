@@ -26,7 +26,8 @@ SUBSETS = {
     "sm_90 default": dict(archs=["sm_90"], configs="default", cases=[
         "linear fp16 none", "linear bf16 none", "linear tf32 none", "linear fp32 none", "linear fp64 none",
         "linear bf16 gelu", "linear fp16 relu", "linear tf32 gelu 8192x4096->4096", "cross_entropy",
-        "linear_cross_entropy"]),
+        "linear_cross_entropy", "conv2d bf16 channels_last none 3x3 stage1", "conv2d bf16 channels_last relu 3x3/2",
+        "conv2d tf32 channels_last relu 1x1 reduce"]),
     # Every pickable config where the old single list spilled or overflowed: bf16 with the heaviest
     # epilogue (its list drops the 128x256 / 256x128 tiles), fp32 without TF32 (FFMA) and fp64 with
     # GELU (DMMA; its backward list has reduction blocks of 16).
@@ -34,7 +35,7 @@ SUBSETS = {
         "linear bf16 gelu 8192", "linear fp32 none 8192x4096->4096", "linear fp64 gelu 8192x4096->4096"]),
     "sm_80 default": dict(archs=["sm_80"], configs="default", cases=[
         "linear fp16 none 8192x4096->4096", "linear bf16 none 8192x4096->4096", "linear tf32 none 8192x4096->4096",
-        "linear_cross_entropy bf16"]),
+        "linear_cross_entropy bf16", "conv2d fp16 channels_last relu 3x3 stage1", "conv2d tf32 channels_last relu 3x3/2"]),
     # The A100's 163 KB per block: the TF32 list's biggest tiles (4-byte operands).
     "sm_80 all configs": dict(archs=["sm_80"], configs="all", cuda=False, cases=["linear tf32 none 8192x4096->4096"]),
 }
@@ -91,6 +92,26 @@ def test_matmuls_use_tensor_cores(inspected, arch, kernel, precision):
     assert not missing, f"no HGMMA/HMMA in: {missing}"
     expected = "HGMMA" if arch == "sm_90" and not kernel.endswith(".cu") else "HMMA"
     assert all(expected in r["mma_ops"] for r in rows), [r["mma_ops"] for r in rows]
+
+
+CONV_MATMULS = ("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
+
+
+@pytest.mark.parametrize("arch, kernel, precision", [
+    (arch, kernel, precision) for arch, precisions in (("sm_90", ("bf16", "tf32")), ("sm_80", ("fp16", "tf32")))
+    for kernel in CONV_MATMULS for precision in precisions])
+def test_conv2d_on_tensor_cores_without_spills(inspected, arch, kernel, precision):
+    rows = rows_of(inspected, arch, kernel, precision, case="conv2d")
+    assert all(r["mma"] for r in rows), [(r["case"], r["config"]) for r in rows if not r["mma"]]
+    assert not [(r["case"], r["config"], r["stack"]) for r in rows if r["stack"] or r["spill_stores"]]
+
+
+@pytest.mark.parametrize("kernel", CONV_MATMULS)
+def test_conv2d_channels_last_copies_16_bytes(inspected, kernel):
+    # The 3x3 layer without an activation (no mask bytes): every operand copy along C is 16 bytes.
+    rows = rows_of(inspected, "sm_90", kernel, "bf16", case="conv2d bf16 channels_last none 3x3")
+    assert all(r["async_copies"] and set(r["async_copy_bits"]) == {"128"} for r in rows), \
+        [(r["async_copies"], r["async_copy_bits"]) for r in rows]
 
 
 # --- spills and shared memory (every config the autotuner can pick) ---------------------------------
