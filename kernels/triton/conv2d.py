@@ -119,6 +119,8 @@ KERNEL_LISTS = {
 # capability 8.x GPU (target.py) picks from its list without them (plus SM80_EXTRA), so the next
 # tile is its default there.
 SM80_SPILLS = {
+    ("conv2d_bwd_input", "fp16/bf16"): {(64, 64, 32, 4, 4): 24},  # relu 3x3
+    ("conv2d_bwd_weight", "fp16/bf16"): {(128, 128, 32, 8, 3): 8},  # relu, 1x1 and 3x3
     ("conv2d_bwd_weight", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 46},
     ("conv2d_fwd", "fp16/bf16 heavy"): {(128, 64, 32, 4, 3): 13, (128, 128, 64, 8, 3): 48},
     ("conv2d_bwd_input", "fp16/bf16 heavy"): {(128, 128, 32, 8, 3): 16, (64, 64, 32, 4, 4): 24},
@@ -132,6 +134,8 @@ SM80_SPILLS = {
 SM80_EXTRA = {
     # grad_out * GELU'(z) on the (BLOCK_M, BLOCK_N) tile: 64x32x32 with 4 warps 16 B, 8 warps clean
     ("conv2d_bwd_input", "fp16/bf16 heavy"): ((64, 64, 32, 8, 3), (64, 32, 32, 8, 3)),
+    # with relu: 64x64x32/8 warps 8-32 B (1x1, 3x3), 64x32x32/8 clean in every variant
+    ("conv2d_bwd_input", "fp16/bf16"): ((64, 32, 32, 8, 3),),
     # 64x32x32/8 warps 24 B, 32x32x32/4 32 B; a 16-deep reduction is clean
     ("conv2d_bwd_input", "tf32 heavy"): ((64, 32, 16, 4, 3),),
     # the fp64 stem's grad_input: 32x32x16, 32x16x16 and 16x32x16 with 3 stages 8-16 B; 2 stages clean
