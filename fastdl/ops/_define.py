@@ -57,6 +57,43 @@ def register_autograd(op, backward, setup_context) -> None:
     op.register_autograd(backward, setup_context=setup)
 
 
+def register_fused_autograd(fwd, bwd, torch_forward, saves_extra, saves_output, empty_saved: tuple) -> None:
+    """Autograd of an op with a fused activation (linear, conv2d): inputs (input, weight, bias,
+    *options) whose last two options are (activation, negative_slope); outputs (out, saved), `saved`
+    being what the activation's derivative reads (kept when activation is in `saves_extra`; `out`
+    is kept instead when it is in `saves_output`). The backward op takes (grad_out, input, weight,
+    bias, saved, out, *options, needs_input_grad, needs_weight_grad, needs_bias_grad); with
+    create_graph it recomputes torch_forward(input, weight, bias, *options) instead (rule 3).
+    `empty_saved` is the shape of the empty tensor handed to the backward op when nothing was saved."""
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *options = inputs
+        out, saved = output
+        activation = options[-2]
+        ctx.options = tuple(options)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, bias,
+                              saved if activation in saves_extra else None,
+                              out if activation in saves_output else None)
+        ctx.mark_non_differentiable(saved)
+
+    def backward(ctx, grad_out, _grad_saved):
+        no_options = (None,) * len(ctx.options)
+        if grad_out is None:  # `saved` is not differentiable, so only `out` brings a gradient
+            return (None,) * 3 + no_options
+        input, weight, bias, saved, out = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        if create_graph():
+            grads = recompute_grads(lambda x, w, b: torch_forward(x, w, b, *ctx.options),
+                                    (input, weight, bias), needs, (grad_out,))
+            return (*grads, *no_options)
+        if saved is None:
+            saved = grad_out.new_empty(empty_saved)
+        grads = bwd(grad_out, input, weight, bias, saved, out, *ctx.options, *needs)
+        return (*(g if need else None for g, need in zip(grads, needs)), *no_options)
+
+    register_autograd(fwd, backward, setup_context)
+
+
 def create_graph() -> bool:
     """Inside a backward: whether autograd is recording it (create_graph=True), so the gradients
     must carry a graph for a second differentiation (rule 3)."""

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fastdl import backends
-from fastdl.ops._define import create_graph, define, or_empty, recompute_grads, register_autograd
+from fastdl.ops._define import define, or_empty, register_fused_autograd
 from fastdl.ops.linear import SAVES_EXTRA, SAVES_OUTPUT, TORCH_ACTIVATIONS, _act
 
 
@@ -93,35 +93,5 @@ def define_op(backend: str):
     fwd = define("conv2d", backend, conv2d, conv2d_fake)
     bwd = define("conv2d_backward", backend, conv2d_backward, conv2d_backward_fake)
 
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups, activation, negative_slope = inputs
-        out, saved = output
-        ctx.geometry = (stride, padding, dilation, groups)
-        ctx.activation, ctx.negative_slope = activation, negative_slope
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, weight, bias,
-                              saved if activation in SAVES_EXTRA else None,
-                              out if activation in SAVES_OUTPUT else None)
-        ctx.mark_non_differentiable(saved)
-
-    def backward(ctx, grad_out, _grad_saved):
-        none = (None,) * 9
-        if grad_out is None:  # `saved` is not differentiable, so only `out` brings a gradient
-            return none
-        input, weight, bias, saved, out = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        if create_graph():
-            grads = recompute_grads(
-                lambda x, w, b: torch_conv2d(x, w, b, stride, padding, dilation, groups, ctx.activation,
-                                             ctx.negative_slope),
-                (input, weight, bias), needs, (grad_out,))
-            return (*grads,) + (None,) * 6
-        if saved is None:
-            saved = grad_out.new_empty((0,))
-        grads = bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilation, groups, ctx.activation,
-                    ctx.negative_slope, *needs)
-        return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 6
-
-    register_autograd(fwd, backward, setup_context)
+    register_fused_autograd(fwd, bwd, torch_conv2d, SAVES_EXTRA, SAVES_OUTPUT, empty_saved=(0,))
     return fwd

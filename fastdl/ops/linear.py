@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import (create_graph, define, fake_dense_grads, or_empty, recompute_grads,
-                                register_autograd)
+from fastdl.ops._define import define, fake_dense_grads, or_empty, register_fused_autograd
 
 SAVES_OUTPUT = ("sigmoid", "tanh")
 SAVES_EXTRA = ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu")
@@ -86,31 +85,5 @@ def define_op(backend: str):
     fwd = define("linear", backend, linear, linear_fake)
     bwd = define("linear_backward", backend, linear_backward, linear_backward_fake)
 
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, activation, negative_slope = inputs
-        out, saved = output
-        ctx.activation, ctx.negative_slope = activation, negative_slope
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, weight, bias,
-                              saved if activation in SAVES_EXTRA else None,
-                              out if activation in SAVES_OUTPUT else None)
-        ctx.mark_non_differentiable(saved)
-
-    def backward(ctx, grad_out, _grad_saved):
-        none = (None,) * 5
-        if grad_out is None:  # `saved` is not differentiable, so only `out` brings a gradient
-            return none
-        input, weight, bias, saved, out = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        if create_graph():
-            grads = recompute_grads(
-                lambda x, w, b: torch_linear(x, w, b, ctx.activation, ctx.negative_slope),
-                (input, weight, bias), needs, (grad_out,))
-            return (*grads, None, None)
-        if saved is None:
-            saved = grad_out.new_empty((0, 0))
-        grads = bwd(grad_out, input, weight, bias, saved, out, ctx.activation, ctx.negative_slope, *needs)
-        return (*(g if need else None for g, need in zip(grads, needs)), None, None)
-
-    register_autograd(fwd, backward, setup_context)
+    register_fused_autograd(fwd, bwd, torch_linear, SAVES_EXTRA, SAVES_OUTPUT, empty_saved=(0, 0))
     return fwd
