@@ -3,6 +3,7 @@
     import fastdl
     layer = fastdl.nn.Linear(784, 256, activation="relu")    # drop-in for torch.nn.Linear
     y = fastdl.functional.linear(x, w, b, activation="gelu")
+    model = fastdl.convert(model)                            # an existing torch model on fastdl, fused
     with fastdl.use_backend("cupy"): ...     # per thread; fastdl.use_backend("cupy") alone sets it until changed
 """
 import os as _os
@@ -20,6 +21,7 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ and no
 from fastdl import ops  # noqa: E402,F401  (torch.ops.fastdl.<op>_<backend> are defined on first use: ops.get)
 from fastdl import functional, nn  # noqa: E402
 from fastdl.backends import available_backends, use_backend  # noqa: E402
+from fastdl.convert import convert, revert  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "use_backend", "available_backends", "__version__"]
+__all__ = ["functional", "nn", "convert", "revert", "use_backend", "available_backends", "__version__"]
