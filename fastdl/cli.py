@@ -1,5 +1,6 @@
-"""`fastdl verify` (parity report against the float64 reference), `fastdl bench` (GPU benchmarks) and
-`fastdl inspect` (what the kernels compile to for sm_80/sm_90, without a GPU)."""
+"""`fastdl verify` (parity report against the float64 reference), `fastdl bench` (GPU benchmarks),
+`fastdl inspect` (what the kernels compile to for sm_80/sm_90, without a GPU) and `fastdl demo` (a
+primer's network and its fastdl.convert twin trained on handwritten digits)."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
     inspect.add_argument("--traffic", action="store_true",
                          help="instead: compulsory memory traffic per op against torch eager's and the floor")
+    demo = sub.add_parser("demo", help="train a primer's network and its converted twin on handwritten digits")
+    demo.add_argument("--model", choices=("mlp", "cnn", "resnet"), default="mlp")
+    demo.add_argument("--epochs", type=int, help="default: 15 (mlp), 12 (cnn), 6 (resnet)")
+    demo.add_argument("--backend", choices=("triton", "cupy", "reference"),
+                      help="the converted model's backend (default: triton on a GPU, reference on CPU)")
+    demo.add_argument("--out", default="demo-out", help="folder for the PNG plots and the JSON data")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from fastdl import demo as _demo
+
+        return _demo.main(args)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "verify":
