@@ -1,0 +1,171 @@
+"""fastdl.functional.batch_norm: torch.nn.functional.batch_norm's semantics with a fused activation
+and residual: out = act(batch_norm(input) + residual).
+
+Layouts: contiguous input and channels_last / channels_last_3d input go to the kernels as (N, C, S)
+views without a copy (S the product of the spatial sizes); anything else is copied to the memory
+format torch's batch_norm gives its output (the input's suggested format), which the output keeps.
+
+Running statistics are updated here, with torch ops, once per call and only after every check has
+passed: running_mean from the batch mean, running_var from the unbiased variance var * n / (n - 1)
+(n = N * S), `momentum` as given; an empty batch leaves them alone (as torch does).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from fastdl import ops
+from fastdl.functional._checks import (FLOAT_DTYPES, _check_same_device, _check_tensor, _shape, backend_for,
+                                       check_activation, torch_function_dispatch)
+from fastdl.ops.batch_norm import MASK_ACTIVATIONS
+
+_OP = "batch_norm"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+            torch.float64: "Double"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _check_number(name: str, value, position: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{_OP}(): argument '{name}' (position {position}) must be float, not {type(value).__name__}")
+    return float(value)
+
+
+def _check_dtypes(input: Tensor, weight, bias, running_mean, running_var) -> None:
+    """torch's rule: the parameters and statistics share one dtype, the input's, or float32 with a
+    float16 / bfloat16 input (RuntimeError otherwise)."""
+    if input.dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(f"fastdl.{_OP}: \"batch_norm\" not implemented for '{_dtype_name(input.dtype)}' "
+                                  f"(input {_shape(input)}); expected float16, bfloat16, float32 or float64")
+    params = [(n, t) for n, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                                  ("running_var", running_var)) if t is not None]
+    if not params:
+        return
+    param_dtype = params[0][1].dtype
+    got = ", ".join(f"{n}={t.dtype}" for n, t in [("input", input)] + params)
+    if param_dtype != input.dtype:
+        if input.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"fastdl.{_OP}: mixed dtype: all inputs must share the same dtype ({got})")
+        if any(t.dtype != torch.float32 for _, t in params):
+            raise RuntimeError(f"fastdl.{_OP}: mixed dtype: with a {input.dtype} input the parameters and "
+                               f"statistics must all be float32 or all {input.dtype} ({got})")
+    elif any(t.dtype != input.dtype for _, t in params):
+        raise RuntimeError(f"fastdl.{_OP}: expected the parameters and statistics to have the input's dtype "
+                           f"{input.dtype} (or all float32 for a half input), got {got}")
+
+
+def _view3(x: Tensor, channels_last: bool) -> Tensor:
+    """(N, C, *spatial) -> an (N, C, S) view: strides (C*S, S, 1), or (S*C, 1, C) for channels_last."""
+    N, C = x.shape[:2]
+    S = x[0, 0].numel() if N and C else torch.Size(x.shape[2:]).numel()
+    if channels_last:
+        return x.movedim(1, -1).reshape(N, S, C).permute(0, 2, 1)
+    return x.reshape(N, C, S)
+
+
+def _unview3(out3: Tensor, shape, fmt: torch.memory_format) -> Tensor:
+    N, C = shape[:2]
+    if fmt != torch.contiguous_format:
+        out = out3.permute(0, 2, 1).reshape(N, *shape[2:], C).movedim(-1, 1)
+    else:
+        out = out3.reshape(shape)
+    return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+
+
+def _residual3(residual: Tensor) -> Tensor:
+    """The residual as an (N, C, S) view in whichever dense layout it has (copied otherwise)."""
+    if residual.is_contiguous():
+        return _view3(residual, False)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(residual.dim())
+    if fmt is not None and residual.is_contiguous(memory_format=fmt):
+        return _view3(residual, True)
+    return _view3(residual.contiguous(), False)
+
+
+@torch_function_dispatch("input", "running_mean", "running_var", "weight", "bias", "residual")
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-05, *,
+               activation: str | None = None, negative_slope: float = 0.01, residual: Tensor | None = None) -> Tensor:
+    """act(batch_norm(input) + residual) with torch.nn.functional.batch_norm's semantics: input
+    (N, C, *spatial) (2-D to 5-D and beyond), statistics per channel; training normalizes with the
+    batch's statistics (and updates running_mean / running_var in place when given), eval with the
+    running statistics. residual (input's shape and dtype) is added before the activation."""
+    check_activation(_OP, activation)
+    _check_tensor(_OP, "input", input, 1)
+    for name, t, position in (("running_mean", running_mean, 2), ("running_var", running_var, 3),
+                              ("weight", weight, 4), ("bias", bias, 5)):
+        if t is not None:
+            _check_tensor(_OP, name, t, position)
+    if residual is not None and not isinstance(residual, Tensor):
+        raise TypeError(f"{_OP}(): argument 'residual' must be Tensor, not {type(residual).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"{_OP}(): argument 'training' (position 6) must be bool, not {type(training).__name__}")
+    momentum = _check_number("momentum", momentum, 7)
+    eps = _check_number("eps", eps, 8)
+    negative_slope = _check_number("negative_slope", negative_slope, 9)
+    if input.dim() < 2:
+        # torch's types: an IndexError where its batch-size check or channel lookup fails first (0-D
+        # input in training, or 1-D without parameters or statistics), else a RuntimeError.
+        given = any(t is not None for t in (running_mean, running_var, weight, bias))
+        error = IndexError if training and (input.dim() == 0 or not given) else RuntimeError
+        raise error(f"fastdl.{_OP}: expected input with at least 2 dimensions (N, C, ...), got {_shape(input)}")
+    N, C = input.shape[:2]
+    count = N * torch.Size(input.shape[2:]).numel()
+    if training and count == 1:
+        raise ValueError(f"fastdl.{_OP}: Expected more than 1 value per channel when training, got input size "
+                         f"{input.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"fastdl.{_OP}: batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"fastdl.{_OP}: batch_norm eps must be non-negative, but got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"fastdl.{_OP}: running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise RuntimeError(f"fastdl.{_OP}: running_mean must be defined in evaluation mode")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.numel() != C:
+            raise RuntimeError(f"fastdl.{_OP}: {name} should contain {C} elements not {t.numel()} "
+                               f"(input {_shape(input)}, {name} {_shape(t)})")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"fastdl.{_OP}: {name} must be 1-dimensional, got {_shape(t)} (input {_shape(input)})")
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(f"fastdl.{_OP}: the residual must have the output's shape {list(input.shape)}, got "
+                           f"{list(residual.shape)}")
+    _check_same_device(_OP, input, running_mean, running_var, weight, bias, residual)
+    _check_dtypes(input, weight, bias, running_mean, running_var)
+    if residual is not None and residual.dtype != input.dtype:
+        raise RuntimeError(f"fastdl.{_OP}: the residual must have the input's dtype {input.dtype}, got "
+                           f"{residual.dtype}")
+    # -- every check passed: nothing above wrote anything.
+
+    fmt = suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
+    channels_last = fmt != torch.contiguous_format
+    x3 = _view3(input.contiguous(memory_format=fmt), channels_last)
+    r3 = None if residual is None else _residual3(residual)
+    w = None if weight is None else weight.reshape(C)
+    b = None if bias is None else bias.reshape(C)
+    act = activation or "none"
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
+    save_mask = act in MASK_ACTIVATIONS and r3 is not None and grad
+    backend = backend_for(input.device, input, running_mean, running_var, weight, bias, residual)
+    out3, mean, _, var, _ = ops.get(_OP, backend)(x3, w, b, r3, running_mean, running_var, training, eps, act,
+                                                  negative_slope, channels_last, save_mask)
+    if training and running_mean is not None and count > 0:
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return _unview3(out3, input.shape, fmt)
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
+                          momentum: float) -> None:
+    """torch's update, in the acc dtype, rounded once to the statistics' dtype."""
+    with torch.no_grad():
+        mean, var = mean.detach(), var.detach()
+        unbiased = var * (count / (count - 1))
+        running_mean.copy_(mean * momentum + running_mean.to(mean.dtype) * (1 - momentum))
+        running_var.copy_(unbiased * momentum + running_var.to(var.dtype) * (1 - momentum))
