@@ -155,7 +155,9 @@ def run(out_dir: str, ops=None, quick: bool = False, budget_s: float | None = No
               f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'}); nothing was run.",
               file=sys.stderr)
         return 2
-    names = list(ops) if ops else list(OPS)
+    names = list(ops) if ops else list(OPS) + ["models"]
+    with_models = "models" in names  # whole-model training steps (fastdl/bench/models.py), after the ops
+    names = [n for n in names if n != "models"]
     unknown = [n for n in names if n not in OPS]
     if unknown:
         print(f"fastdl bench: no benchmark for {', '.join(unknown)}; known: {', '.join(OPS)}", file=sys.stderr)
@@ -192,4 +194,8 @@ def run(out_dir: str, ops=None, quick: bool = False, budget_s: float | None = No
             print(f"fastdl bench: no plot for {op}: {exc}", file=sys.stderr)
         print(summary(data), flush=True)
         failed += sum(1 for r in data["records"] if r.get("error"))
+    if with_models:
+        from fastdl.bench import models as _models
+
+        _models.run(out_dir, quick=quick, device="cuda")
     return 1 if failed else 0
