@@ -4,6 +4,8 @@ layouts, activations and residuals, optional weight/bias and running statistics,
 statistics over several steps (momentum 0.1, None, 0), num_batches_tracked, eval after train,
 half input with float32 parameters, bad input (torch's exception types, nothing written), second
 backward, gradcheck / gradgradcheck, torch.func and forward AD, torch.compile, fx and state_dict."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -124,11 +126,9 @@ def run_batch_norm(backend, dtype, shape, *, layout="contiguous", activation="re
 # --- against the reference, per backend -------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,layout", [(s, layout) for s in SHAPES for layout in LAYOUTS
+                                          if layout != "channels_last" or len(SHAPES[s]) >= 4])  # 4-D, 5-D only
 def test_shapes_and_layouts(backend, shape, layout):
-    if layout == "channels_last" and len(SHAPES[shape]) < 4:
-        pytest.skip("channels_last exists for 4-D and 5-D input only")
     run_batch_norm(backend, torch.float32, SHAPES[shape], layout=layout, seed=len(shape))
 
 
@@ -508,3 +508,58 @@ def test_fx_symbolic_trace_sees_batch_norm():
     assert fastdl.functional.batch_norm in targets
     x = make_tensor((5, 3, 4), torch.float64, seed=2)
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+# --- fastdl verify rows and fastdl bench cases ---------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_rows_pass_and_cover_modes_layouts_and_statistics(backend):
+    from fastdl import verify
+
+    rows = [r for dtype in (torch.bfloat16, torch.float32) for r in verify._check_batch_norm(backend, dtype, "cpu")]
+    assert rows and all(r["status"] == "pass" for r in rows), [r for r in rows if r["status"] != "pass"][:3]
+    assert {r["check"] for r in rows} == {"out", "grad_input", "grad_weight", "grad_bias", "grad_residual",
+                                          "running_mean", "running_var"}
+    assert {r["shape"].rsplit(" ", 1)[1] for r in rows} == {"channels_last", "contiguous"}
+    assert any(" eval relu +residual" in r["shape"] for r in rows) and any(" train none" in r["shape"] for r in rows)
+    # 4-D: 2 layouts, 3-D: 1; per dtype and layout: train relu+residual (out, 4 gradients, 2 running
+    # statistics), train without (out, 3 gradients, 2 statistics), eval relu+residual (out, 4 gradients).
+    assert len(rows) == 2 * (2 + 1) * (7 + 6 + 5)
+
+
+def test_bench_cases_and_floor():
+    from fastdl import bench
+    from fastdl.bench.spec import DTYPES
+
+    spec = bench.OPS["batch_norm"]
+    full = spec.workloads(False)
+    assert {w.shape[0] for w in full} == {256} and (256, 64, 112, 112) in {w.shape for w in full}
+    assert {(w.dtype, w.param["layout"], w.param["variant"]) for w in full} == {
+        (d, lay, v) for d in ("bf16", "fp32") for lay in ("channels_last", "NCHW") for v in ("bn", "bn+relu+residual")}
+    assert len({(w.dtype, w.label) for w in full}) == len(full)
+    assert len(spec.workloads(True)) < len(full)
+    cases = bench.cases("batch_norm")
+    assert len({c.id for c in cases}) == len(cases)
+    w = next(w for w in full if w.dtype == "bf16" and w.param["variant"] == "bn+relu+residual")
+    A = math.prod(w.shape)
+    assert DTYPES[w.dtype][0].itemsize == 2
+    assert spec.cost(w, "forward") == (0.0, 6 * A + A / 8)
+    assert spec.cost(w, "forward+backward") == (0.0, 6 * A + 8 * A + A / 4)
+
+
+@pytest.mark.parametrize("variant", ["bn", "bn+relu+residual"])
+def test_bench_functions_agree_on_cpu(variant):
+    from fastdl import bench
+
+    spec = bench.OPS["batch_norm"]
+    w = next(w for w in spec.workloads(True) if w.param["variant"] == variant and w.dtype == "fp32")
+    x = make_tensor((4, 6, 5, 5), seed=1).contiguous(memory_format=torch.channels_last)
+    params = (make_tensor((6,), seed=2), make_tensor((6,), seed=3))
+    extra = (make_tensor(x.shape, seed=4),) if variant != "bn" else ()
+    stats = [(torch.zeros(6), torch.ones(6)) for _ in range(2)]
+    with fastdl.use_backend("reference"):
+        ours = spec.fastdl_fn(w)(x, *params, *stats[0], *extra)
+    theirs = spec.torch_fn(w)(x, *params, *stats[1], *extra)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert ours.stride() == theirs.stride()
+    torch.testing.assert_close(stats[0], stats[1], rtol=1e-5, atol=1e-6)
