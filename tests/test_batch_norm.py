@@ -305,6 +305,12 @@ def test_module_options(backend):
         act = fastdl.nn.BatchNorm2d(3, activation="leaky_relu", negative_slope=0.2)
         r = make_tensor(x.shape, seed=2)
         assert_close(act(x, r), _np(F.leaky_relu(torch.nn.BatchNorm2d(3)(x) + r, 0.2)), torch.float32)
+        # A residual that broadcasts (or has another dtype) is added unfused, as `act(bn(x) + r)` would.
+        for other in (r[:1], r[:, :, :1].double()):
+            want = F.leaky_relu(torch.nn.BatchNorm2d(3)(x) + other, 0.2)
+            got = fastdl.nn.BatchNorm2d(3, activation="leaky_relu", negative_slope=0.2)(x, other)
+            assert got.dtype == want.dtype
+            assert_close(got, _np(want), torch.float32)
     assert "activation='leaky_relu', negative_slope=0.2" in repr(act)
     with pytest.raises(ValueError, match="activation"):
         fastdl.nn.BatchNorm2d(3, activation="swish")
@@ -500,14 +506,33 @@ def test_torch_compile_fullgraph_reference_backend():
         torch.testing.assert_close(model[1].get_buffer(name), twin[1].get_buffer(name), rtol=1e-12, atol=0)
 
 
-def test_fx_symbolic_trace_sees_batch_norm():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(fastdl.nn.BatchNorm1d(3, activation="tanh")).double().eval()
+class _Block(torch.nn.Module):
+    def __init__(self, momentum=0.1):
+        super().__init__()
+        self.bn = fastdl.nn.BatchNorm1d(3, momentum=momentum, activation="tanh")
+
+    def forward(self, x, r):
+        return self.bn(x, residual=r)
+
+
+@pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)],
+                         ids=["train", "train-cumulative", "eval"])
+def test_fx_symbolic_trace_sees_batch_norm(training, momentum):
+    """The traced graph calls fastdl.functional.batch_norm and, in training, counts each batch and
+    takes momentum=None's factor at run time (tracing itself changes no buffer)."""
+    model = _Block(momentum).double().train(training)
+    twin = _Block(momentum).double().train(training)
     traced = torch.fx.symbolic_trace(model)
+    assert model.bn.num_batches_tracked.item() == 0
     targets = {node.target for node in traced.graph.nodes if node.op == "call_function"}
     assert fastdl.functional.batch_norm in targets
-    x = make_tensor((5, 3, 4), torch.float64, seed=2)
-    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    for step in range(3):
+        x = make_tensor((5, 3, 4), torch.float64, seed=2 + step) + step
+        r = make_tensor((5, 3, 4), torch.float64, seed=9)
+        torch.testing.assert_close(traced(x, r), twin(x, r), rtol=0, atol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(model.bn.get_buffer(name), twin.bn.get_buffer(name), rtol=0, atol=0)
+    assert model.bn.num_batches_tracked.item() == (3 if training else 0)
 
 
 # --- fastdl verify rows and fastdl bench cases ---------------------------------------------------------

@@ -115,10 +115,8 @@ def define_op(backend: str):
             if N * S == 0 or C == 0:
                 # Nothing to normalize: no launch; the functional layer leaves the running stats alone.
                 return out, mean.zero_(), invstd.zero_(), var.zero_(), mask
-            batch_mean, batch_var = launchers.batch_norm_stats(input)
-            mean.copy_(batch_mean)
-            var.copy_(batch_var)
-            torch.rsqrt(var + eps, out=invstd)
+            mean, var = launchers.batch_norm_stats(input)  # new (C,) acc-dtype tensors
+            invstd = torch.rsqrt(var + eps)
         else:
             mean.copy_(running_mean)
             torch.rsqrt(running_var.to(mean.dtype) + eps, out=invstd)
