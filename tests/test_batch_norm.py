@@ -588,3 +588,23 @@ def test_bench_functions_agree_on_cpu(variant):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert ours.stride() == theirs.stride()
     torch.testing.assert_close(stats[0], stats[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_output_may_be_modified_in_place(channels_last):
+    """The output is a tensor of its own, not a view of the op's: nn.ReLU(inplace=True) after a
+    BatchNorm (torchvision's ResNets) works and differentiates as torch's does."""
+    x = make_tensor((3, 4, 5, 5), seed=3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = make_tensor((3, 4, 5, 5), seed=4)
+    results = []
+    for fn in (fastdl.functional.batch_norm, torch.nn.functional.batch_norm):
+        xg = x.clone().requires_grad_()
+        with fastdl.use_backend("reference"):
+            out = fn(xg, None, None, training=True)
+            out.relu_()
+            out.backward(grad)
+        results.append((out.detach(), xg.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from torch._prims_common import suggest_memory_format
 from fastdl import ops
 from fastdl.functional._checks import (FLOAT_DTYPES, _check_same_device, _check_tensor, _shape, backend_for,
                                        check_activation, torch_function_dispatch)
-from fastdl.ops.batch_norm import MASK_ACTIVATIONS
+from fastdl.ops.batch_norm import MASK_ACTIVATIONS, is_dense
 
 _OP = "batch_norm"
 
@@ -57,34 +57,6 @@ def _check_dtypes(input: Tensor, weight, bias, running_mean, running_var) -> Non
     elif any(t.dtype != input.dtype for _, t in params):
         raise RuntimeError(f"fastdl.{_OP}: expected the parameters and statistics to have the input's dtype "
                            f"{input.dtype} (or all float32 for a half input), got {got}")
-
-
-def _view3(x: Tensor, channels_last: bool) -> Tensor:
-    """(N, C, *spatial) -> an (N, C, S) view: strides (C*S, S, 1), or (S*C, 1, C) for channels_last."""
-    N, C = x.shape[:2]
-    S = x[0, 0].numel() if N and C else torch.Size(x.shape[2:]).numel()
-    if channels_last:
-        return x.movedim(1, -1).reshape(N, S, C).permute(0, 2, 1)
-    return x.reshape(N, C, S)
-
-
-def _unview3(out3: Tensor, shape, fmt: torch.memory_format) -> Tensor:
-    N, C = shape[:2]
-    if fmt != torch.contiguous_format:
-        out = out3.permute(0, 2, 1).reshape(N, *shape[2:], C).movedim(-1, 1)
-    else:
-        out = out3.reshape(shape)
-    return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
-
-
-def _residual3(residual: Tensor) -> Tensor:
-    """The residual as an (N, C, S) view in whichever dense layout it has (copied otherwise)."""
-    if residual.is_contiguous():
-        return _view3(residual, False)
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(residual.dim())
-    if fmt is not None and residual.is_contiguous(memory_format=fmt):
-        return _view3(residual, True)
-    return _view3(residual.contiguous(), False)
 
 
 @torch_function_dispatch("input", "running_mean", "running_var", "weight", "bias", "residual")
@@ -146,19 +118,20 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
     fmt = suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
     channels_last = fmt != torch.contiguous_format
-    x3 = _view3(input.contiguous(memory_format=fmt), channels_last)
-    r3 = None if residual is None else _residual3(residual)
+    x = input.contiguous(memory_format=fmt)
+    if residual is not None and not is_dense(residual):
+        residual = residual.contiguous()  # the op takes a contiguous or channels_last residual
     w = None if weight is None else weight.reshape(C)
     b = None if bias is None else bias.reshape(C)
     act = activation or "none"
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
-    save_mask = act in MASK_ACTIVATIONS and r3 is not None and grad
+    save_mask = act in MASK_ACTIVATIONS and residual is not None and grad
     backend = backend_for(input.device, input, running_mean, running_var, weight, bias, residual)
-    out3, mean, _, var, _ = ops.get(_OP, backend)(x3, w, b, r3, running_mean, running_var, training, eps, act,
-                                                  negative_slope, channels_last, save_mask)
+    out, mean, _, var, _ = ops.get(_OP, backend)(x, w, b, residual, running_mean, running_var, training, eps, act,
+                                                 negative_slope, channels_last, save_mask)
     if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return _unview3(out3, input.shape, fmt)
+    return out
 
 
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,

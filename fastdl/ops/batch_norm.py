@@ -1,11 +1,15 @@
 """torch.ops.fastdl.batch_norm_<backend> and batch_norm_backward_<backend>, with autograd.
 
-batch_norm(input (N, C, S), weight (C,) | None, bias (C,) | None, residual (N, C, S) | None,
+batch_norm(input (N, C, *spatial), weight (C,) | None, bias (C,) | None, residual | None,
            running_mean (C,) | None, running_var (C,) | None, training, eps, activation,
            negative_slope, channels_last, save_mask) -> (out, mean, invstd, var, mask)
 
-The functional layer hands in (N, C, S) views: contiguous, strides (C*S, S, 1), or, when
-`channels_last`, strides (S*C, 1, C); the residual may have either layout. The op composes the
+The functional layer hands in the input contiguous or, when `channels_last`, in channels_last /
+channels_last_3d; the residual (input's shape) in either dense layout. The op views each as
+(N, C, S) for the launchers (`view3`: strides (C*S, S, 1), or (S*C, 1, C) for channels_last) and
+returns out in the input's own shape and layout, a tensor of its own (not a view), so a caller may
+modify it in place (nn.ReLU(inplace=True) after a BatchNorm in a channels_last ResNet).
+The op composes the
 backend's launchers (the contract in the backends' batch_norm modules):
   training: batch_norm_stats -> (mean, biased var), invstd = rsqrt(var + eps), then
             batch_norm_elemt; var is returned for the running-statistics update;
@@ -30,6 +34,7 @@ Double backward (create_graph=True) recomputes the forward with torch's differen
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -46,20 +51,47 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def empty3(shape, channels_last: bool, dtype: torch.dtype, device) -> Tensor:
-    """An uninitialized (N, C, S) tensor: contiguous, or with channels_last strides (S*C, 1, C)."""
-    N, C, S = shape
+def view3(t: Tensor, channels_last: bool) -> Tensor:
+    """(N, C, *spatial) -> an (N, C, S) view: strides (C*S, S, 1), or (S*C, 1, C) for channels_last."""
+    N, C = t.shape[:2]
+    S = math.prod(t.shape[2:])  # not -1: an empty batch leaves -1 ambiguous
     if channels_last:
-        return torch.empty((N, S, C), dtype=dtype, device=device).permute(0, 2, 1)
-    return torch.empty((N, C, S), dtype=dtype, device=device)
+        return t.movedim(1, -1).reshape(N, S, C).permute(0, 2, 1)
+    return t.reshape(N, C, S)
+
+
+def _channels_last_format(t: Tensor):
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+
+
+def is_channels_last(t: Tensor) -> bool:
+    fmt = _channels_last_format(t)
+    return fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Contiguous or channels_last(_3d): a layout the launchers take as an (N, C, S) view."""
+    return t.is_contiguous() or is_channels_last(t)
+
+
+def dense_view3(t: Tensor) -> Tensor:
+    """An (N, C, S) view of t in whichever dense layout it has, contiguous or channels_last (t is
+    copied to contiguous first if it has neither: an expanded or sliced gradient, say)."""
+    if not is_dense(t):
+        t = t.contiguous()
+    return view3(t, is_channels_last(t))
+
+
+def _empty_like(input: Tensor, channels_last: bool, dtype=None) -> Tensor:
+    fmt = _channels_last_format(input) if channels_last else torch.contiguous_format
+    return torch.empty(input.shape, dtype=dtype or input.dtype, device=input.device, memory_format=fmt)
 
 
 def _outputs(input: Tensor, training: bool, channels_last: bool, save_mask: bool):
     C = input.shape[1]
     acc = acc_dtype(input.dtype)
-    out = empty3(input.shape, channels_last, input.dtype, input.device)
-    mask = empty3(input.shape, channels_last, torch.uint8, input.device) if save_mask \
-        else input.new_empty((0,), dtype=torch.uint8)
+    out = _empty_like(input, channels_last)
+    mask = _empty_like(input, channels_last, torch.uint8) if save_mask else input.new_empty((0,), dtype=torch.uint8)
     mean = input.new_empty((C,), dtype=acc)
     invstd = input.new_empty((C,), dtype=acc)
     var = input.new_empty((C,) if training else (0,), dtype=acc)
@@ -74,19 +106,21 @@ def torch_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     acc = acc_dtype(input.dtype)
     x = input.to(acc)
     C = input.shape[1]
+    dims = (0,) + tuple(range(2, input.dim()))
+    per_channel = (1, C) + (1,) * (input.dim() - 2)
     if training:
-        mean = x.mean(dim=(0, 2))
-        var = x.var(dim=(0, 2), unbiased=False)
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
         invstd = torch.rsqrt(var + eps)
     else:
         mean = running_mean.to(acc)
         invstd = torch.rsqrt(running_var.to(acc) + eps)
         var = x.new_empty((0,))
-    pre = (x - mean.view(1, C, 1)) * invstd.view(1, C, 1)
+    pre = (x - mean.view(per_channel)) * invstd.view(per_channel)
     if weight is not None:
-        pre = pre * weight.to(acc).view(1, C, 1)
+        pre = pre * weight.to(acc).view(per_channel)
     if bias is not None:
-        pre = pre + bias.to(acc).view(1, C, 1)
+        pre = pre + bias.to(acc).view(per_channel)
     if residual is not None:
         pre = pre + residual.to(acc)
     out = TORCH_ACTIVATIONS[activation](pre, negative_slope).to(input.dtype)
@@ -109,21 +143,23 @@ def define_op(backend: str):
                    activation: str, negative_slope: float, channels_last: bool,
                    save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         launchers = backends.get(backend)
-        N, C, S = input.shape
         out, mean, invstd, var, mask = _outputs(input, training, channels_last, save_mask)
+        x3 = view3(input, channels_last)
+        N, C, S = x3.shape
         if training:
             if N * S == 0 or C == 0:
                 # Nothing to normalize: no launch; the functional layer leaves the running stats alone.
                 return out, mean.zero_(), invstd.zero_(), var.zero_(), mask
-            mean, var = launchers.batch_norm_stats(input)  # new (C,) acc-dtype tensors
+            mean, var = launchers.batch_norm_stats(x3)  # new (C,) acc-dtype tensors
             invstd = torch.rsqrt(var + eps)
         else:
             mean.copy_(running_mean)
             torch.rsqrt(running_var.to(mean.dtype) + eps, out=invstd)
             if out.numel() == 0:
                 return out, mean, invstd, var, mask
-        launchers.batch_norm_elemt(input, mean, invstd, weight, bias, residual, activation, negative_slope, out,
-                                   mask if save_mask else None)
+        launchers.batch_norm_elemt(x3, mean, invstd, weight, bias, None if residual is None else dense_view3(residual),
+                                   activation, negative_slope, view3(out, channels_last),
+                                   view3(mask, channels_last) if save_mask else None)
         return out, mean, invstd, var, mask
 
     def batch_norm_fake(input, weight, bias, residual, running_mean, running_var, training, eps, activation,
@@ -136,18 +172,18 @@ def define_op(backend: str):
                             needs_weight_grad: bool, needs_bias_grad: bool,
                             needs_residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         launchers = backends.get(backend)
-        N, C, S = input.shape
+        x3 = view3(input, channels_last)
+        N, C, S = x3.shape
         # What is not needed comes back as an empty tensor of its own (an op's outputs may not alias).
-        grad_input = empty3(input.shape, channels_last, input.dtype, input.device) if needs_input_grad \
-            else input.new_empty((0,))
+        grad_input = _empty_like(input, channels_last) if needs_input_grad else input.new_empty((0,))
         grad_residual = torch.empty_like(residual) if needs_residual_grad else input.new_empty((0,))
         grad_weight = torch.zeros_like(weight) if needs_weight_grad else input.new_empty((0,))
         grad_bias = torch.zeros_like(bias) if needs_bias_grad else input.new_empty((0,))
         if N * S == 0 or C == 0:
             return grad_input, grad_weight, grad_bias, grad_residual
-        mask3 = mask if mask.numel() else None
-        common = (grad_out, input, mean, invstd, weight, bias, None if mask3 is not None else residual, mask3,
-                  activation, negative_slope)
+        mask3 = view3(mask, channels_last) if mask.numel() else None
+        r3 = dense_view3(residual) if residual is not None and mask3 is None else None
+        common = (dense_view3(grad_out), x3, mean, invstd, weight, bias, r3, mask3, activation, negative_slope)
         if needs_weight_grad or needs_bias_grad or (training and needs_input_grad):
             sum_dy, sum_dy_xmu = launchers.batch_norm_backward_reduce(*common)
             if needs_weight_grad:
@@ -159,15 +195,14 @@ def define_op(backend: str):
             if training and needs_input_grad:
                 mean_dy, mean_dy_xmu = sum_dy / (N * S), sum_dy_xmu / (N * S)
             launchers.batch_norm_backward_elemt(*common, mean_dy, mean_dy_xmu,
-                                                grad_input if needs_input_grad else None,
-                                                grad_residual if needs_residual_grad else None)
+                                                view3(grad_input, channels_last) if needs_input_grad else None,
+                                                dense_view3(grad_residual) if needs_residual_grad else None)
         return grad_input, grad_weight, grad_bias, grad_residual
 
     def batch_norm_backward_fake(grad_out, input, weight, bias, residual, mask, mean, invstd, training, activation,
                                  negative_slope, channels_last, needs_input_grad, needs_weight_grad, needs_bias_grad,
                                  needs_residual_grad):
-        return (empty3(input.shape, channels_last, input.dtype, input.device) if needs_input_grad
-                else input.new_empty((0,)),
+        return (_empty_like(input, channels_last) if needs_input_grad else input.new_empty((0,)),
                 torch.empty_like(weight) if needs_weight_grad else input.new_empty((0,)),
                 torch.empty_like(bias) if needs_bias_grad else input.new_empty((0,)),
                 torch.empty_like(residual) if needs_residual_grad else input.new_empty((0,)))
@@ -202,7 +237,6 @@ def define_op(backend: str):
                                                     negative_slope)[0],
                 (input, weight, bias, residual), wanted, (grad_out,))
             return (*grads, *none[4:])
-        grad_out = _like_layout(grad_out, channels_last)
         grads = bwd(grad_out, input, weight, bias, residual, mask, mean, invstd, training, activation, negative_slope,
                     channels_last, *wanted)
         return (*(g if want else None for g, want in zip(grads, wanted)), *none[4:])
@@ -210,12 +244,3 @@ def define_op(backend: str):
     register_autograd(fwd, backward, setup_context)
     return fwd
 
-
-def _like_layout(grad_out: Tensor, channels_last: bool) -> Tensor:
-    """grad_out in out's (N, C, S) layout when it has neither dense layout the kernels expect (an
-    expanded or sliced gradient); kept as is otherwise (the launchers take any strides)."""
-    N, C, S = grad_out.shape
-    if grad_out.is_contiguous() or grad_out.permute(0, 2, 1).is_contiguous():
-        return grad_out
-    copy = empty3((N, C, S), channels_last, grad_out.dtype, grad_out.device)
-    return copy.copy_(grad_out)
