@@ -276,7 +276,7 @@ def _fuse(gm: fx.GraphModule) -> None:
             other = node.args[1 - i]
             bn = _fusable_layer(side, modules, once, batch_norms) if isinstance(side, fx.Node) else None
             if bn is None or not isinstance(other, fx.Node) or len(side.users) != 1 or side.kwargs \
-                    or bn.activation is not None or bn.fused_residual:
+                    or bn.activation is not None or getattr(bn, "fused_residual", False):
                 continue
             act_node = next(iter(node.users)) if len(node.users) == 1 else None
             act = _activation_of(act_node, modules) if act_node is not None else None
@@ -311,7 +311,7 @@ def _fuse(gm: fx.GraphModule) -> None:
     if hasattr(fnn, "Dropout") and "dropout" in _class_extras(fnn.Linear):
         for node in list(graph.nodes):
             layer = _fusable_layer(node, modules, once, (fnn.Linear,))
-            if layer is None or len(node.users) != 1 or layer.dropout:
+            if layer is None or len(node.users) != 1 or getattr(layer, "dropout", 0.0):
                 continue
             user = next(iter(node.users))
             if user.op != "call_module" or not isinstance(modules[user.target], nn.Dropout) \

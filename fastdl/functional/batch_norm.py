@@ -59,14 +59,11 @@ def _check_dtypes(input: Tensor, weight, bias, running_mean, running_var) -> Non
                            f"{input.dtype} (or all float32 for a half input), got {got}")
 
 
-@torch_function_dispatch("input", "running_mean", "running_var", "weight", "bias", "residual")
-def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
-               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-05, *,
-               activation: str | None = None, negative_slope: float = 0.01, residual: Tensor | None = None) -> Tensor:
-    """act(batch_norm(input) + residual) with torch.nn.functional.batch_norm's semantics: input
-    (N, C, *spatial) (2-D to 5-D and beyond), statistics per channel; training normalizes with the
-    batch's statistics (and updates running_mean / running_var in place when given), eval with the
-    running statistics. residual (input's shape and dtype) is added before the activation."""
+def check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
+               residual, *, single_batch: bool = True) -> tuple[float, float, float]:
+    """Every check of batch_norm's arguments, torch's exception types, nothing written; returns
+    (momentum, eps, negative_slope) as floats. single_batch=False (SyncBatchNorm): one value per
+    channel on this rank is fine, the check is over all ranks' values."""
     check_activation(_OP, activation)
     _check_tensor(_OP, "input", input, 1)
     for name, t, position in (("running_mean", running_mean, 2), ("running_var", running_var, 3),
@@ -88,7 +85,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         raise error(f"fastdl.{_OP}: expected input with at least 2 dimensions (N, C, ...), got {_shape(input)}")
     N, C = input.shape[:2]
     count = N * torch.Size(input.shape[2:]).numel()
-    if training and count == 1:
+    if training and count == 1 and single_batch:
         raise ValueError(f"fastdl.{_OP}: Expected more than 1 value per channel when training, got input size "
                          f"{input.size()}")
     if training and eps <= 0.0:
@@ -114,6 +111,21 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if residual is not None and residual.dtype != input.dtype:
         raise RuntimeError(f"fastdl.{_OP}: the residual must have the input's dtype {input.dtype}, got "
                            f"{residual.dtype}")
+    return momentum, eps, negative_slope
+
+
+@torch_function_dispatch("input", "running_mean", "running_var", "weight", "bias", "residual")
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-05, *,
+               activation: str | None = None, negative_slope: float = 0.01, residual: Tensor | None = None) -> Tensor:
+    """act(batch_norm(input) + residual) with torch.nn.functional.batch_norm's semantics: input
+    (N, C, *spatial) (2-D to 5-D and beyond), statistics per channel; training normalizes with the
+    batch's statistics (and updates running_mean / running_var in place when given), eval with the
+    running statistics. residual (input's shape and dtype) is added before the activation."""
+    momentum, eps, negative_slope = check_args(input, running_mean, running_var, weight, bias, training, momentum,
+                                               eps, activation, negative_slope, residual)
+    N, C = input.shape[:2]
+    count = N * torch.Size(input.shape[2:]).numel()
     # -- every check passed: nothing above wrote anything.
 
     fmt = suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
