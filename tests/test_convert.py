@@ -224,3 +224,89 @@ def test_warnings_are_quiet_for_plain_models():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert(models.SimpleCNN(3, 10, 8))
+
+
+def test_resnet_block_fusions_and_running_statistics():
+    torch.manual_seed(2)
+    original = models.SmallResNet(1, 10, (4, 8))
+    converted = convert(copy.deepcopy(original))
+    summary = fused_summary(converted)
+    assert "layers.0.bn2: BatchNorm2d + activation='relu', fused_residual=True" in summary
+    assert "layers.1.bn2: BatchNorm2d + activation='relu', fused_residual=True" in summary
+    assert "stem.1: BatchNorm2d + activation='relu'" in summary
+    x = torch.randn(4, 1, 8, 8)
+    g = torch.randn(4, 10)
+    results = []
+    for model, backend in ((converted, "reference"), (original, None)):
+        xg = x.clone().requires_grad_()
+        with fastdl.use_backend(backend):
+            model(xg).backward(g)
+            model.eval()
+            evaluated = model(x)
+            model.train()
+        results.append([xg.grad, evaluated] + [p.grad for p in model.parameters()] + list(model.buffers()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b.double(), **TOL)
+
+
+def test_residual_that_broadcasts_runs_unfused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x, bias):
+            return F.relu(self.bn(x) + bias)  # bias (3, 1, 1) broadcasts: not a residual of the output's shape
+
+    model = Net()
+    converted = convert(copy.deepcopy(model))
+    assert fused_summary(converted) == ["bn: BatchNorm2d + activation='relu', fused_residual=True"]
+    x, bias = torch.randn(2, 3, 4, 4), torch.randn(3, 1, 1)
+    with fastdl.use_backend("reference"):
+        torch.testing.assert_close(converted(x, bias), model(x, bias), **TOL)
+
+
+def test_dropout_fuses_into_the_linear_before_it():
+    model = models.KerasCNN(1, 10, 28)
+    converted = convert(model)
+    assert "classifier.1: Linear + activation='relu', dropout=0.5" in fused_summary(converted)
+    assert not any(isinstance(m, nn.Dropout) for m in converted.modules())
+    x = torch.randn(2, 1, 28, 28)
+    model.eval(), converted.eval()
+    with fastdl.use_backend("reference"):
+        torch.testing.assert_close(converted(x), model(x), **TOL)
+
+
+def test_fold_batchnorm_for_inference():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 1.5), model[1].bias.uniform_(-1, 1)
+    model.eval()
+    converted = convert(model, fold_batchnorm=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    assert fused_summary(converted) == ["0: Conv2d + activation='relu'"]
+    assert model[0].weight is not converted.get_submodule("0").weight  # the caller's conv is untouched
+    x = torch.randn(2, 3, 6, 6)
+    with fastdl.use_backend("reference"):
+        torch.testing.assert_close(converted(x), model(x), **TOL)
+
+
+def test_inplace_relu_after_batchnorm_unfused_channels_last():
+    """fuse=False keeps torchvision-style nn.ReLU(inplace=True) calls on BatchNorm outputs."""
+    model = models.resnet18(10).to(memory_format=torch.channels_last)
+    model.layer3, model.layer4 = nn.Identity(), nn.Identity()
+    model.fc = nn.Linear(128, 10)
+    converted = convert(copy.deepcopy(model), fuse=False)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with fastdl.use_backend("reference"):
+        out = converted(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, model(x), **TOL)
+
+
+def test_sync_batchnorm_and_cross_entropy_swap():
+    model = nn.Sequential(nn.SyncBatchNorm(3), nn.CrossEntropyLoss())
+    converted = convert(model, fuse=False)
+    assert type(converted[0]) is fastdl.nn.SyncBatchNorm and type(converted[1]) is fastdl.nn.CrossEntropyLoss

@@ -114,3 +114,27 @@ def test_two_ranks_equal_one_process(ranks, case):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         for rank_result in (r0, r1):
             torch.testing.assert_close(rank_result[name], whole[name], **tol, msg=name)
+
+
+def test_convert_sync_batchnorm_keeps_parameters_and_state_dict():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                fastdl.nn.BatchNorm2d(4, activation="relu"))
+    params = list(model.parameters())
+    converted = fastdl.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is fastdl.nn.SyncBatchNorm and type(converted[2]) is fastdl.nn.SyncBatchNorm
+    assert converted[2].activation == "relu"
+    assert all(a is b for a, b in zip(converted.parameters(), params))
+    reference = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)))
+    assert list(converted.state_dict()) == list(reference.state_dict())
+
+
+def test_without_a_process_group_it_is_a_batch_norm():
+    """Not distributed (or one rank, or eval): torch's SyncBatchNorm falls back to batch_norm; so does fastdl's."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    ours, theirs = fastdl.nn.SyncBatchNorm(3, dtype=torch.float64), torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    with fastdl.use_backend("reference"):
+        for train in (True, False):
+            ours.train(train), theirs.train(train)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-10, atol=1e-12)
