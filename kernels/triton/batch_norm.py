@@ -89,9 +89,12 @@ def _welford_reduce(count, mean, m2, axis: tl.constexpr):
 
 @triton.jit
 def _rows(first, BLOCK: tl.constexpr, ROW64: tl.constexpr):
+    # (One return: a jit function's returns must agree in type, even under a constexpr if.)
     if ROW64:
-        return first.to(tl.int64) + tl.arange(0, BLOCK)
-    return first + tl.arange(0, BLOCK)
+        rows = first.to(tl.int64) + tl.arange(0, BLOCK)
+    else:
+        rows = first + tl.arange(0, BLOCK)
+    return rows
 
 
 @triton.jit
@@ -112,8 +115,10 @@ def _per_channel(ptr, c, c_ok, other, ACC_DTYPE: tl.constexpr, CHANNELS_TILE: tl
     """A (C,) parameter at channels c, as a row [1, cols] (CHANNELS_TILE) or a column [rows, 1]."""
     v = tl.load(ptr + c, mask=c_ok, other=other).to(ACC_DTYPE)
     if CHANNELS_TILE:
-        return v[None, :]
-    return v[:, None]
+        tile = v[None, :]
+    else:
+        tile = v[:, None]
+    return tile
 
 
 @triton.jit
@@ -299,9 +304,11 @@ def _reduction_offsets(r, cols, c, S, stride_n, stride_c, stride_s, CHANNELS_TIL
     if CHANNELS_TILE:
         if not ROW64:
             r = r.to(tl.int32)
-        return _offsets(r // S, r % S, cols, stride_n, stride_c, stride_s, True, 1)
-    row = tl.multiple_of(r * stride_n + c.to(tl.int64) * stride_c, ALIGN)
-    return row[:, None] + (cols.to(tl.int64) * stride_s)[None, :]
+        offs = _offsets(r // S, r % S, cols, stride_n, stride_c, stride_s, True, 1)
+    else:
+        row = tl.multiple_of(r * stride_n + c.to(tl.int64) * stride_c, ALIGN)
+        offs = row[:, None] + (cols.to(tl.int64) * stride_s)[None, :]
+    return offs
 
 
 @triton.jit
