@@ -120,8 +120,7 @@ def DigitsMLP(in_features: int = 784, classes: int = 10, dropout: float = 0.3) -
     sizes = (in_features, 256, 128, 64)
     layers = [nn.Flatten()]
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers.append(fnn.Linear(a, b, activation="relu"))
-        layers.append(fnn.Dropout(dropout))
+        layers.append(fnn.Linear(a, b, activation="relu", dropout=dropout))
     layers.append(fnn.Linear(sizes[-1], classes))
     return nn.Sequential(*layers)
 
