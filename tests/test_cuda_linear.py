@@ -341,3 +341,29 @@ def test_cupy_functional_empty_dimensions(M, N, K):
     assert_close(out, expected, torch.float32, name="out")
     for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad), grads):
         assert_close(got, want, torch.float32, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout fused into linear_fwd's epilogue: the same mask as the Triton kernel and the reference.
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=_ids)
+@pytest.mark.parametrize("shape", [(65, 70, 33), (70, 80, 48)], ids=str)  # N % 4: 2 (padded rows), 0
+def test_emulated_fused_dropout(emulated_backend, dtype, shape):
+    from fastdl.reference import dropout as dropout_ref
+
+    M, N, K = shape
+    x, w, b, g = _inputs(M, N, K, dtype)
+    seed = torch.tensor([2**31 - 2, 77])
+    for activation in ("relu", "sigmoid", None):
+        out, saved = emulated_backend.linear_fwd(x, w, b, activation, 0.1, 0.35, seed)
+        y, _ = ref.forward(_np(x), _np(w), _np(b), activation, 0.1)
+        keep = dropout_ref.keep_mask((2**31 - 2, 77), 0.35, M, N)
+        expected, _ = dropout_ref.forward(y, keep, 0.35)
+        assert not ((out != 0) & ~torch.from_numpy(keep)).any()
+        assert_close(out, expected, dtype, name=f"out ({activation}, dropout)")
+        plain, plain_saved = emulated_backend.linear_fwd(x, w, b, activation, 0.1)
+        assert torch.equal(saved, plain_saved)  # what backward reads for act' is unchanged by dropout
+        # backward's regeneration pass: dropout_rows on grad_out draws the forward's mask.
+        grad = torch.empty_like(g)
+        emulated_backend.dropout_rows(g, seed, 0.35, grad)
+        assert torch.equal(grad != 0, torch.from_numpy(keep) & (g != 0))

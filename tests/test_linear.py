@@ -356,3 +356,134 @@ def test_gpu_torch_compile_fullgraph_triton_backend():
         out = torch.compile(model, fullgraph=True)(x)
         out.sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- dropout fused into the epilogue ------------------------------------------------------------------
+
+def _linear_dropout_reference(x, w, b, activation, p, seed_value, slope=0.01):
+    """dropout(act(x @ w.T + b)) in float64 with the scheme's (M, N) mask for the key drawn under
+    torch.manual_seed(seed_value); returns (out, grads of sum(out * g)) as a function of g."""
+    from fastdl.ops.dropout import draw_seed
+    from fastdl.reference import dropout as dropout_ref
+
+    torch.manual_seed(seed_value)
+    key = tuple(draw_seed(x.device).tolist())
+    M, N = x.shape[0], w.shape[0]
+    keep = dropout_ref.keep_mask(key, p, M, N)
+    y, saved = ref.forward(x.detach().double().numpy(), w.detach().double().numpy(),
+                           None if b is None else b.detach().double().numpy(), activation, slope)
+    out, dsaved = dropout_ref.forward(y, keep, p)
+
+    def grads(g):
+        return ref.backward(dropout_ref.backward(g.double().numpy(), dsaved), saved)
+
+    return out, grads, keep
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 29, 23), (70, 13, 66)])  # N % 4 != 0: rows padded to groups of 4
+def test_fused_dropout_matches_reference(backend, dtype, shape, activation):
+    M, K, N = shape
+    x = make_tensor((M, K), dtype, seed=1, requires_grad=True)
+    w = make_tensor((N, K), dtype, seed=2, scale=K ** -0.5, requires_grad=True)
+    b = make_tensor((N,), dtype, seed=3, requires_grad=True)
+    g = make_tensor((M, N), dtype, seed=4)
+    torch.manual_seed(8)
+    with fastdl.use_backend(backend):
+        out = fastdl.functional.linear(x, w, b, activation=activation, dropout=0.4)
+    out.backward(g)
+    want, grads, keep = _linear_dropout_reference(x, w, b, activation, 0.4, 8)
+    keep = torch.from_numpy(keep)
+    assert not ((out != 0) & ~keep).any()                              # dropped: 0 (or -0.0)
+    assert ((out != 0) | ~keep | (torch.from_numpy(want).abs() < 1e-3)).all()  # kept: nonzero unless tiny
+    assert_close(out, want, dtype, name="out")
+    for got, expected, name in zip((x.grad, w.grad, b.grad), grads(g), ("grad_input", "grad_weight", "grad_bias")):
+        assert_close(got, expected, dtype, name=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "tanh"])
+def test_fused_relu_dropout_equals_unfused_composition(backend, activation):
+    # N % 4 == 0: the fused mask is the one fastdl.functional.dropout draws for linear's output.
+    x = make_tensor((33, 40), torch.float32, seed=1, requires_grad=True)
+    w = make_tensor((48, 40), torch.float32, seed=2, scale=40 ** -0.5, requires_grad=True)
+    b = make_tensor((48,), torch.float32, seed=3, requires_grad=True)
+    g = make_tensor((33, 48), torch.float32, seed=4)
+    with fastdl.use_backend(backend):
+        torch.manual_seed(5)
+        fused = fastdl.functional.linear(x, w, b, activation=activation, dropout=0.3)
+        fused_grads = torch.autograd.grad(fused, (x, w, b), g)
+        torch.manual_seed(5)
+        unfused = fastdl.functional.dropout(fastdl.functional.linear(x, w, b, activation=activation), 0.3)
+        unfused_grads = torch.autograd.grad(unfused, (x, w, b), g)
+    assert torch.equal(fused != 0, unfused != 0)
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
+    for a, c in zip(fused_grads, unfused_grads):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_dropout_semantics_and_errors():
+    x = make_tensor((5, 8), torch.float32, seed=1, requires_grad=True)
+    w = make_tensor((12, 8), torch.float32, seed=2, requires_grad=True)
+    plain = fastdl.functional.linear(x, w, activation="relu")
+    # training=False and dropout=0 are plain linear; dropout=1 multiplies by 0, as F.dropout(p=1).
+    assert torch.equal(fastdl.functional.linear(x, w, activation="relu", dropout=0.5, training=False), plain)
+    assert torch.equal(fastdl.functional.linear(x, w, activation="relu", dropout=0.0), plain)
+    assert torch.equal(fastdl.functional.linear(x, w, activation="relu", dropout=1.0), plain * 0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fastdl\.linear: dropout probability has to be between 0 and 1"):
+            fastdl.functional.linear(x, w, dropout=bad)
+        with pytest.raises(ValueError, match="dropout probability"):
+            fastdl.nn.Linear(8, 12, dropout=bad)
+    # A 3-D input: rows are the flattened leading dimensions.
+    x3 = make_tensor((2, 3, 8), torch.float32, seed=5)
+    torch.manual_seed(2)
+    with fastdl.use_backend("triton"):
+        out3 = fastdl.functional.linear(x3, w, dropout=0.5)
+    torch.manual_seed(2)
+    with fastdl.use_backend("triton"):
+        out2 = fastdl.functional.linear(x3.reshape(6, 8), w, dropout=0.5)
+    assert out3.shape == (2, 3, 12) and torch.equal(out3.reshape(6, 12), out2)
+
+
+def test_fused_dropout_second_and_double_backward():
+    x = make_tensor((9, 6), torch.float64, seed=1, requires_grad=True)
+    w = make_tensor((8, 6), torch.float64, seed=2, requires_grad=True)
+    b = make_tensor((8,), torch.float64, seed=3, requires_grad=True)
+    torch.manual_seed(3)
+    with fastdl.use_backend("triton"):
+        out = fastdl.functional.linear(x, w, b, activation="gelu", dropout=0.25)
+    g = make_tensor(out.shape, torch.float64, seed=4)
+    first = torch.autograd.grad(out, (x, w, b), g, retain_graph=True)
+    second = torch.autograd.grad(out, (x, w, b), g, retain_graph=True)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+    grad_x = torch.autograd.grad(out, x, g, create_graph=True)[0]
+    (gg,) = torch.autograd.grad(grad_x.sum(), w)
+    from fastdl.ops.linear_dropout import torch_linear_dropout
+    from fastdl.ops.dropout import draw_seed
+
+    torch.manual_seed(3)
+    key = draw_seed(x.device)
+    w2 = w.detach().requires_grad_()
+    ref_out = torch_linear_dropout(x, w2, b, "gelu", 0.01, 0.25, key)
+    ref_gx = torch.autograd.grad(ref_out, x, g, create_graph=True)[0]
+    (ref_gg,) = torch.autograd.grad(ref_gx.sum(), w2)
+    torch.testing.assert_close(gg, ref_gg, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
+
+
+def test_nn_linear_dropout_only_in_training():
+    m = fastdl.nn.Linear(8, 12, activation="relu", dropout=0.5)
+    assert "dropout=0.5" in repr(m) and set(m.state_dict()) == {"weight", "bias"}
+    x = make_tensor((6, 8), torch.float32, seed=1)
+    torch.manual_seed(1)
+    with fastdl.use_backend("triton"):
+        train = m(x)
+        torch.manual_seed(1)
+        want = fastdl.functional.linear(x, m.weight, m.bias, activation="relu", dropout=0.5)
+        m.eval()
+        evaluated = m(x)
+    assert torch.equal(train, want)
+    torch.testing.assert_close(evaluated, F.relu(F.linear(x, m.weight, m.bias)), rtol=1e-5, atol=1e-5)

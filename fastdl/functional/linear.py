@@ -7,6 +7,9 @@ import torch
 from torch import Tensor
 
 from fastdl import ops
+from fastdl.functional.dropout import check_probability
+from fastdl.functional.dropout import dropout as _dropout
+from fastdl.ops.dropout import draw_seed
 from fastdl.functional._checks import (_TORCH_ACTIVATIONS, _autocast, _check_dense_dtypes, _check_same_device,
                                        _check_tensor, _shape, backend_for, check_activation,
                                        torch_function_dispatch)
@@ -14,9 +17,12 @@ from fastdl.functional._checks import (_TORCH_ACTIVATIONS, _autocast, _check_den
 
 @torch_function_dispatch("input", "weight", "bias")
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None,
-           negative_slope: float = 0.01) -> Tensor:
-    """act(input @ weight.T + bias), with torch.nn.functional.linear's semantics and the activation fused."""
+           negative_slope: float = 0.01, dropout: float = 0.0, training: bool = True) -> Tensor:
+    """act(input @ weight.T + bias), with torch.nn.functional.linear's semantics and the activation fused;
+    dropout > 0 with training also fuses F.dropout(..., p=dropout) after the activation (its mask
+    regenerated from a seed in backward, nothing per element kept: fastdl/ops/linear_dropout.py)."""
     check_activation("linear", activation)
+    p = check_probability("linear", dropout)
     _check_tensor("linear", "input", input, 1)
     _check_tensor("linear", "weight", weight, 2)
     if bias is not None:
@@ -53,11 +59,19 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
             row_bias = bias.reshape(1).expand(out_features)
         elif weight.dim() == 2 and squeezed == (out_features,):
             row_bias = bias.reshape(out_features)
-    op = ops.get("linear", backend_for(input.device, input, weight, bias))
+    backend = backend_for(input.device, input, weight, bias)
+    op = ops.get("linear", backend)
     input_2d = input.reshape(math.prod(input.shape[:-1]), in_features)
+    fuse_dropout = training and 0.0 < p < 1.0
     if bias is not None and row_bias is None:
         # A bias that differs between rows cannot ride in the epilogue; add it unfused.
         z, _ = op(input_2d, weight_2d, None, "none", 0.0)
-        return _TORCH_ACTIVATIONS[activation](z.reshape(out_shape) + bias, negative_slope)
+        out = _TORCH_ACTIVATIONS[activation](z.reshape(out_shape) + bias, negative_slope)
+        return _dropout(out, p, training) if p else out
+    if fuse_dropout:
+        out, _ = ops.get("linear_dropout", backend)(input_2d, weight_2d, row_bias, activation or "none",
+                                                    float(negative_slope), p, draw_seed(input.device))
+        return out.reshape(out_shape)
     out, _ = op(input_2d, weight_2d, row_bias, activation or "none", float(negative_slope))
-    return out.reshape(out_shape)
+    out = out.reshape(out_shape)
+    return _dropout(out, p, training) if p else out  # p = 1: out * 0, as torch's dropout

@@ -37,6 +37,7 @@
 #include <cuda_bf16.h>
 #include "elements.cuh"
 #include "mma.cuh"
+#include "philox.cuh"
 
 // Activation codes: identical to ACTIVATION_CODES in fastdl/backends/common.py.
 #define ACT_NONE 0
@@ -422,7 +423,8 @@ __global__ void __launch_bounds__(THREADS, MinBlocks<T>::value) linear_fwd(
     long long stride_xm, long long stride_xk, long long stride_wn, long long stride_wk,
     long long stride_bias, long long stride_om, long long stride_on,
     long long stride_sm, long long stride_sn,
-    double negative_slope, int has_bias, int activation)
+    double negative_slope, int has_bias, int activation,
+    const long long* __restrict__ dropout_seed, int dropout_threshold, double dropout_scale)
 {
     typedef typename Accumulator<T>::type Acc;
     long long pid_m, pid_n;
@@ -460,9 +462,26 @@ __global__ void __launch_bounds__(THREADS, MinBlocks<T>::value) linear_fwd(
         tc::store_run(static_cast<T*>(saved) + m * stride_sm + n * stride_sn, stride_sn, pre, count,
                   tc::aligned_rows<T>(saved, stride_sm, stride_sn));
     }
+    Acc y[EPILOGUE_COLS];
+#pragma unroll
+    for (int e = 0; e < EPILOGUE_COLS; ++e) y[e] = activation_fn(z[e], slope, activation);
+    if (dropout_seed != nullptr) {
+        // Dropout after the activation (kernels/triton/linear.py's DROPOUT): element (m, n) takes
+        // word n % 4 of Philox at counter m * ceil(N / 4) + n / 4, as dropout.cu's row m does. A run
+        // starts at a multiple of 16 columns: EPILOGUE_COLS / 4 whole counters.
+        const DropoutKey key = load_dropout_key(dropout_seed);
+        const Acc scale = Acc(dropout_scale);
+        const unsigned long long counter = (unsigned long long)(m * ((N + 3) / 4) + n / 4);
+#pragma unroll
+        for (int g = 0; g < EPILOGUE_COLS / 4; ++g) {
+            const PhiloxWords pw = philox4x32_10(counter + g, key.k0, key.k1);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) y[4 * g + j] *= dropout_keep(pw.w[j], dropout_threshold) ? scale : Acc(0);
+        }
+    }
     T o[EPILOGUE_COLS];
 #pragma unroll
-    for (int e = 0; e < EPILOGUE_COLS; ++e) o[e] = from_acc<T>(activation_fn(z[e], slope, activation));
+    for (int e = 0; e < EPILOGUE_COLS; ++e) o[e] = from_acc<T>(y[e]);
     tc::store_run(out + m * stride_om + n * stride_on, stride_on, o, count, tc::aligned_rows<T>(out, stride_om, stride_on));
 }
 

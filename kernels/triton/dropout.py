@@ -41,6 +41,15 @@ def keep_words(seed_ptr, row, first_group, groups_per_row, GROUPS: tl.constexpr)
 
 
 @triton.jit
+def keep_words_rows(seed_ptr, rows, first_group, groups_per_row, GROUPS: tl.constexpr):
+    """keep_words for a block of rows (int64 (BLOCK_M,)): (BLOCK_M, GROUPS * 4) words (linear's epilogue)."""
+    key = tl.load(seed_ptr) | (tl.load(seed_ptr + 1) << 32)
+    counter = rows[:, None] * groups_per_row + first_group + tl.arange(0, GROUPS).to(tl.int64)[None, :]
+    w0, w1, w2, w3 = tl.randint4x(key, counter)
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (rows.shape[0], GROUPS * 4))
+
+
+@triton.jit
 def keep_factor(words, threshold, scale, ACC_DTYPE: tl.constexpr):
     """scale where the element is kept, 0 where dropped (uniform < p), in the accumulator dtype."""
     kept = (words >> 8).to(tl.int32) >= threshold

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import target
+from .dropout import keep_factor, keep_words_rows
 
 # ACTIVATION and SAVE take the codes of fastdl.backends.common (ACTIVATION_CODES, SAVE_KIND).
 
@@ -158,9 +159,30 @@ SM80_EXTRA = {
 }
 
 
+# Dropout in the forward's epilogue (Philox words for the whole tile, interleaved in registers) costs
+# registers: these tiles spilled with it (fastdl inspect --configs all over the "dropout" cases,
+# bytes per thread, worst variant), so a DROPOUT launch picks from its list without them.
+DROPOUT_SPILLS = {
+    ("linear_fwd", "fp16/bf16"): {(256, 128, 64, 8, 3): 408},
+    ("linear_fwd", "fp32"): {(128, 128, 32, 8, 3): 24},
+    ("linear_fwd", "tf32 heavy"): {(128, 64, 32, 4, 4): 64},
+}
+SM80_DROPOUT_SPILLS = {  # besides SM80_SPILLS, on sm_80
+    ("linear_fwd", "tf32"): {(64, 128, 32, 4, 4): 8},
+    ("linear_fwd", "tf32 heavy"): {(128, 128, 64, 8, 2): 8},
+}
+DROPOUT_SUFFIX = " dropout"
+
+
 def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     """The config list a launch picks from: its operand precision and, where it matters, whether its
-    epilogue (forward) or prologue (backward) is heavy."""
+    epilogue (forward) or prologue (backward) is heavy, and whether dropout is fused (the list less
+    DROPOUT_SPILLS, named with DROPOUT_SUFFIX)."""
+    name = _config_list_name(kernel, named_args, kwargs)
+    return name + DROPOUT_SUFFIX if kwargs.get("DROPOUT", False) else name
+
+
+def _config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     itemsize = named_args[KERNELS[kernel][1]].dtype.itemsize
     heavy = kwargs.get("ACTIVATION", 0) in HEAVY_EPILOGUES
     if itemsize == 8:
@@ -177,9 +199,15 @@ def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
 def config_tiles(kernel: str, name: str, capability: tuple[int, int] | None = None) -> tuple:
     """The tiles of list `name` for `kernel` on a GPU of `capability` (None: the whole list, what
     the interpreter runs), its default first."""
+    dropout = name.endswith(DROPOUT_SUFFIX)
+    name = name.removesuffix(DROPOUT_SUFFIX)
     tiles = KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
     if target.is_sm80_class(capability):
         tiles = _without(tiles, *SM80_SPILLS.get((kernel, name), {})) + SM80_EXTRA.get((kernel, name), ())
+        if dropout:
+            tiles = _without(tiles, *SM80_DROPOUT_SPILLS.get((kernel, name), {}))
+    if dropout:
+        tiles = _without(tiles, *DROPOUT_SPILLS.get((kernel, name), {}))
     return tiles
 
 
@@ -303,15 +331,16 @@ def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
     return row, col
 
 
-@_autotune("linear_fwd", key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "INPUT_PRECISION"])
-@triton.jit
+@_autotune("linear_fwd", key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "INPUT_PRECISION", "DROPOUT"])
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _linear_fwd(
     x_ptr, w_ptr, bias_ptr, out_ptr, saved_ptr,  # x (M, K), w (N, K), bias (N,), out/saved (M, N)
+    seed_ptr,  # (2,) int64 dropout key (read only with DROPOUT)
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
     stride_om, stride_on, stride_sm, stride_sn,
-    negative_slope,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
+    negative_slope, dropout_threshold, dropout_scale: tl.float64,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -333,6 +362,13 @@ def _linear_fwd(
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
     out = _activation(acc, negative_slope, ACTIVATION)
+    if DROPOUT:
+        # Dropout after the activation, the mask a pure function of (seed, m, n): element (m, n) is
+        # element n of row m of the (M, N) view in kernels/triton/dropout.py (rows padded to groups
+        # of four), so it is the mask dropout draws for the contiguous output when N % 4 == 0, and
+        # linear's backward regenerates it there (fastdl.backends.triton.dropout_rows).
+        words = keep_words_rows(seed_ptr, offs_m, pid_n.to(tl.int64) * (BLOCK_N // 4), tl.cdiv(N, 4), BLOCK_N // 4)
+        out = out * keep_factor(words, dropout_threshold, dropout_scale, ACC_DTYPE)
     tile_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              out.to(out_ptr.dtype.element_ty), mask=tile_mask)

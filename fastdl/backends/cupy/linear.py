@@ -8,6 +8,7 @@ from fastdl.backends.common import ACC_DTYPE as _ACC_DTYPE
 from fastdl.backends.common import ACTIVATION_CODES, linear_backward_saved, linear_outputs
 from fastdl.backends.cupy import _runtime as rt
 from fastdl.backends.cupy._runtime import BLOCK_COLS, BLOCK_ROWS
+from fastdl.reference.dropout import threshold
 
 
 def _precision(input: torch.Tensor):
@@ -16,8 +17,9 @@ def _precision(input: torch.Tensor):
     return rt.TF32 if rt.tf32(input.dtype) else input.dtype
 
 
-def linear_fwd(input, weight, bias, activation, negative_slope):
-    """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
+def linear_fwd(input, weight, bias, activation, negative_slope, dropout=0.0, seed=None):
+    """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty; with
+    dropout, out = dropout(act(z)) (see fastdl.backends.triton.linear_fwd)."""
     M, K = input.shape
     N = weight.shape[0]
     code, out, saved, writes_saved = linear_outputs(input, weight, activation)
@@ -31,6 +33,8 @@ def linear_fwd(input, weight, bias, activation, negative_slope):
               bias.stride(0) if bias is not None else 0,
               out.stride(0), out.stride(1), s_strides[0], s_strides[1]),
         np.float64(negative_slope), np.int32(bias is not None), np.int32(code),
+        rt.ptr(seed if dropout else None), np.int32(threshold(dropout) if dropout else 0),
+        np.float64(1.0 / (1.0 - dropout)),
     ), precision=_precision(input))
     return out, saved
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from fastdl.backends.reference._common import from_numpy, launcher, to_numpy
+from fastdl.backends.reference.dropout import keep_rows
+from fastdl.reference import dropout as _dropout
 from fastdl.reference import linear as _linear
 
 # What one linear_cross_entropy chunk holds per logit here, for its chunk size (fastdl.ops.
@@ -16,8 +18,10 @@ LINEAR_CE_BYTES_PER_LOGIT = 64
 
 
 @launcher
-def linear_fwd(input, weight, bias, activation, negative_slope):
+def linear_fwd(input, weight, bias, activation, negative_slope, dropout=0.0, seed=None):
     out, _ = _linear.forward(to_numpy(input), to_numpy(weight), to_numpy(bias), activation, negative_slope)
+    if dropout:
+        out = _dropout.forward(out, keep_rows(seed, dropout, *out.shape), dropout)[0]
     return from_numpy(out, input), input.new_empty((0, 0))
 
 

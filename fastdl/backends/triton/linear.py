@@ -9,11 +9,14 @@ from fastdl.backends.common import ACTIVATION_CODES, SAVE_KIND, linear_backward_
 from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, wrap_triton
 from fastdl.backends.triton._launch import interpreter_bf16
 from fastdl.kernels.triton import linear as _k
+from fastdl.reference.dropout import threshold
 
 
 @interpreter_bf16(results=("io", "io"))  # out; saved (pre-activation, or a uint8 mask: left as is)
-def linear_fwd(input, weight, bias, activation, negative_slope):
-    """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty."""
+def linear_fwd(input, weight, bias, activation, negative_slope, dropout=0.0, seed=None):
+    """input (M, K), weight (N, K), bias (N,) or None -> out (M, N), saved (M, N) or empty.
+    With 0 < dropout < 1 and seed ((2,) int64 key), out = dropout(act(z)): element (m, n) kept as
+    row m of fastdl.backends.triton.dropout_rows draws it (saved is still act's, pre-dropout)."""
     M, K = input.shape
     N = weight.shape[0]
     code, out, saved, writes_saved = linear_outputs(input, weight, activation)
@@ -22,13 +25,13 @@ def linear_fwd(input, weight, bias, activation, negative_slope):
     s_strides = saved.stride() if writes_saved else (0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     wrap_triton(_k._linear_fwd)[grid](
-        input, weight, bias if bias is not None else out, out, saved,
+        input, weight, bias if bias is not None else out, out, saved, seed if dropout else out,
         M, N, K,
         input.stride(0), input.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
         out.stride(0), out.stride(1), s_strides[0], s_strides[1],
-        float(negative_slope),
-        HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code],
+        float(negative_slope), threshold(dropout) if dropout else 0, 1.0 / (1.0 - dropout),
+        HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code], DROPOUT=bool(dropout),
         ACC_DTYPE=ACC_DTYPE[input.dtype], INPUT_PRECISION=input_precision(input.dtype),
     )
     return out, saved
