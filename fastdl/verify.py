@@ -388,3 +388,63 @@ def _check_conv2d(backend, dtype, device):
             yield compare_row("conv2d", backend, dtype, label, "out", out, expected, tf32)
             for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad), grads):
                 yield compare_row("conv2d", backend, dtype, label, name, got, want, tf32)
+
+
+# --- batch_norm ------------------------------------------------------------------------------------
+# (The oracle itself is proven against torch in tests/test_reference_batch_norm.py.)
+
+def batch_norm_cases(device: str) -> list[tuple]:
+    """(input shape, note): small odd shapes everywhere; ResNet-50's first and last stages on CUDA."""
+    cases = [((2, 5, 7, 7), "7x7"), ((3, 4, 9), "(N, C, L)")]
+    if device == "cuda":
+        cases += [((32, 64, 56, 56), "ResNet-50 stage 1"), ((32, 2048, 7, 7), "ResNet-50 stage 4")]
+    return cases
+
+
+@check("batch_norm")
+def _check_batch_norm(backend, dtype, device):
+    from fastdl import backends
+    from fastdl.reference import batch_norm as ref
+
+    if not hasattr(backends.get(backend), "batch_norm_stats"):
+        yield note_row("batch_norm", backend, dtype_name(dtype), "-", "all", "not checked", "no launcher yet")
+        return
+    # Half inputs with float32 parameters and statistics, as mixed-precision training keeps them.
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    for shape, note in batch_norm_cases(device):
+        C = shape[1]
+        layouts = ("channels_last", "contiguous") if len(shape) == 4 else ("contiguous",)
+        for layout in layouts:
+            for training, activation, residual in ((True, "relu", True), (True, None, False), (False, "relu", True)):
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                x = (testing.make_tensor(shape, dtype, device, seed=1, scale=2.0) + 0.5).contiguous(memory_format=fmt)
+                w = testing.make_tensor((C,), param_dtype, device, seed=2)
+                b = testing.make_tensor((C,), param_dtype, device, seed=3)
+                r = testing.make_tensor(shape, dtype, device, seed=4).contiguous(memory_format=fmt) if residual \
+                    else None
+                rm = testing.make_tensor((C,), param_dtype, device, seed=5)
+                rv = testing.make_tensor((C,), param_dtype, device, seed=6).abs() + 0.5
+                rm0, rv0 = _np(rm).copy(), _np(rv).copy()  # before the call updates them in place
+                for t in (x, w, b, r):
+                    if t is not None:
+                        t.requires_grad_()
+                with fastdl.use_backend(backend):
+                    out = fastdl.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, activation=activation,
+                                                       residual=r)
+                g = testing.make_tensor(shape, dtype, device, seed=7).contiguous(memory_format=fmt)
+                out.backward(g)
+                expected, saved = ref.forward(_np(x), _np(w), _np(b), rm0, rv0, training, 1e-5, activation, 0.01,
+                                              _np(r))
+                grads = ref.backward(_np(g), saved)
+                label = (f"{'x'.join(map(str, shape))} {'train' if training else 'eval'} "
+                         f"{activation or 'none'}{' +residual' if residual else ''} ({note}) {layout}")
+                yield compare_row("batch_norm", backend, dtype, label, "out", out, expected)
+                names = ("grad_input", "grad_weight", "grad_bias", "grad_residual")
+                for name, got, want in zip(names, (x.grad, w.grad, b.grad, None if r is None else r.grad), grads):
+                    if want is not None:
+                        yield compare_row("batch_norm", backend, dtype, label, name, got, want)
+                if training:
+                    new_rm, new_rv = ref.update_running_stats(rm0, rv0, saved["mean"], saved["var"], saved["count"],
+                                                              0.1)
+                    yield compare_row("batch_norm", backend, dtype, label, "running_mean", rm, new_rm)
+                    yield compare_row("batch_norm", backend, dtype, label, "running_var", rv, new_rv)

@@ -15,5 +15,8 @@ from fastdl.functional.cross_entropy import cross_entropy  # noqa: E402
 from fastdl.functional.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from fastdl.functional.conv2d import conv2d  # noqa: E402
 from fastdl.functional.max_pool2d import max_pool2d  # noqa: E402
+from fastdl.functional.batch_norm import batch_norm  # noqa: E402
+from fastdl.functional.dropout import dropout  # noqa: E402
 
-__all__ = ["linear", "cross_entropy", "linear_cross_entropy", "conv2d", "max_pool2d", "ACTIVATIONS", "check_activation"]
+__all__ = ["linear", "cross_entropy", "linear_cross_entropy", "conv2d", "max_pool2d", "batch_norm", "dropout", "ACTIVATIONS",
+           "check_activation"]

@@ -171,12 +171,16 @@ def _empty(*shape, dtype, requires_grad=False):
     return torch.empty(shape, dtype=dtype).requires_grad_(requires_grad)
 
 
-def _linear(M, K, N, dtype, activation, bias=True):
+def _linear(M, K, N, dtype, activation, bias=True, dropout=0.0):
     from fastdl import ops
 
     x, w = _empty(M, K, dtype=dtype, requires_grad=True), _empty(N, K, dtype=dtype, requires_grad=True)
     b = _empty(N, dtype=dtype, requires_grad=True) if bias else None
-    out, _ = ops.get("linear", "triton")(x, w, b, activation or "none", 0.01)
+    if dropout:  # dropout fused into the epilogue; backward's regeneration pass is the dropout kernel
+        out, _ = ops.get("linear_dropout", "triton")(x, w, b, activation or "none", 0.01, dropout,
+                                                     torch.zeros(2, dtype=torch.int64))
+    else:
+        out, _ = ops.get("linear", "triton")(x, w, b, activation or "none", 0.01)
     inputs = [t for t in (x, w, b) if t is not None]
     torch.autograd.grad(out, inputs, _empty(M, N, dtype=dtype))
 
@@ -210,6 +214,70 @@ def _max_pool2d(shape, dtype, channels_last, return_indices=False):
     out, _ = ops.get("max_pool2d", "triton")(x, [3, 3], [2, 2], [1, 1], [1, 1], False, channels_last,
                                             return_indices, True)
     torch.autograd.grad(out, [x], torch.empty(out.shape, dtype=dtype, memory_format=fmt))
+
+
+# dropout on a transformer MLP's activations (8192 x 4096) and a flat tensor ending in a partial block.
+DROPOUT_SHAPES = ((8192, 4096), (1000000,))
+
+
+def _dropout(shape, dtype):
+    from fastdl import ops
+
+    x = _empty(*shape, dtype=dtype, requires_grad=True)
+    out = ops.get("dropout", "triton")(x, torch.zeros(2, dtype=torch.int64), 0.1)
+    torch.autograd.grad(out, [x], _empty(*shape, dtype=dtype))
+
+
+# ResNet-50's batch-norm activations at batch 32 (N, C, H, W): a stage-1 expansion (S = 3136, NCHW rows
+# 16-element aligned, as the stem's 112x112 and stage 2's 28x28 are: the same specializations) and
+# stages 3-4 (S = 196 and 49: rows of 4- and 1-element alignment). Three shapes, not all five, keep
+# CI's static step about 40 s shorter per arch.
+BATCH_NORM_SHAPES = ((32, 256, 56, 56), (32, 1024, 14, 14), (32, 2048, 7, 7))
+
+
+def _batch_norm(shape, dtype, channels_last, activation, residual):
+    """The four batch-norm launchers as a training step runs them (the op's launch path: stats,
+    elemt with the relu mask when a residual is added, backward_reduce, backward_elemt with the
+    residual's gradient), called directly on (N, C, S) views."""
+    from fastdl.backends.triton import batch_norm as launchers
+
+    N, C = shape[:2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def view3(t):
+        return t.permute(0, 2, 3, 1).reshape(N, -1, C).permute(0, 2, 1) if channels_last else t.view(N, C, -1)
+
+    x3, out3, g3, gi3 = (view3(torch.empty(shape, dtype=dtype, memory_format=fmt)) for _ in range(4))
+    r3 = view3(torch.empty(shape, dtype=dtype, memory_format=fmt)) if residual else None
+    gr3 = view3(torch.empty(shape, dtype=dtype, memory_format=fmt)) if residual else None
+    mask3 = view3(torch.empty(shape, dtype=torch.uint8, memory_format=fmt)) \
+        if residual and activation in ("relu", "leaky_relu") else None
+    weight, bias = _empty(C, dtype=dtype), _empty(C, dtype=dtype)
+    mean, var = launchers.batch_norm_stats(x3)
+    launchers.batch_norm_elemt(x3, mean, var, weight, bias, r3, activation, 0.01, out3, mask3)
+    sum_dy, sum_dy_xmu = launchers.batch_norm_backward_reduce(g3, x3, mean, var, weight, bias, r3, mask3,
+                                                              activation, 0.01)
+    launchers.batch_norm_backward_elemt(g3, x3, mean, var, weight, bias, r3, mask3, activation, 0.01, sum_dy,
+                                        sum_dy_xmu, gi3, gr3)
+
+
+def _batch_norm_cases() -> list:
+    """bf16 / fp16 / fp32 in both layouts: relu + residual (the mask) at every shape; no activation
+    and gelu (recomputed, with the residual read) at the stage-1 shape; fp64 with gelu there."""
+    out = []
+    for name, dtype, _ in PRECISIONS:
+        if name == "tf32":
+            continue
+        for layout, channels_last in (("channels_last", True), ("NCHW", False)):
+            runs = [(shape, "relu", True) for shape in BATCH_NORM_SHAPES] if name != "fp64" else []
+            runs += [(BATCH_NORM_SHAPES[0], "gelu", True)] + ([(BATCH_NORM_SHAPES[0], "none", False)]
+                                                              if name != "fp64" else [])
+            for shape, activation, residual in runs:
+                label = f"batch_norm {name} {layout} {activation}{' residual' if residual else ''} " \
+                        f"{'x'.join(map(str, shape))}"
+                out.append(("batch_norm", label, False, lambda s=shape, d=dtype, c=channels_last, a=activation,
+                            r=residual: _batch_norm(s, d, c, a, r)))
+    return out
 
 
 # ResNet-50's convolutions at batch 32: (label, input (N, C, H, W), weight (K, C, R, S), stride, padding).
@@ -264,6 +332,10 @@ def cases() -> list[tuple[str, str, object]]:
                             lambda M=M, K=K, N=N, d=dtype, a=activation: _linear(M, K, N, d, a)))
         out.append(("linear", f"linear {name} none no-bias 8192x4096->4096", tf32,
                     lambda d=dtype: _linear(8192, 4096, 4096, d, None, bias=False)))
+        # dropout after relu in the epilogue (an MLP block); gelu for the heavy lists.
+        for activation in ("relu", "gelu"):
+            out.append(("linear", f"linear {name} {activation} dropout 8192x4096->4096", tf32,
+                        lambda d=dtype, a=activation: _linear(8192, 4096, 4096, d, a, dropout=0.1)))
         # Few (N, K) tiles: grad_weight is split over rows (and _sum_splits reduces the splits).
         out.append(("linear", f"linear {name} none 16384x4096->256", tf32,
                     lambda d=dtype: _linear(16384, 4096, 256, d, None)))
@@ -294,6 +366,13 @@ def cases() -> list[tuple[str, str, object]]:
         out.append(("max_pool2d", f"max_pool2d {name} channels_last return_indices 3x3/2 pad 1 32x64x112x112", False,
                     lambda d=dtype: _max_pool2d(MAX_POOL2D_SHAPES[0], d, True, return_indices=True)))
     out += _conv2d_cases()
+    out += _batch_norm_cases()
+    for name, dtype, _ in PRECISIONS:
+        if name == "tf32":
+            continue
+        for shape in DROPOUT_SHAPES:
+            out.append(("dropout", f"dropout {name} {'x'.join(map(str, shape))}", False,
+                        lambda s=shape, d=dtype: _dropout(s, d)))
     return out
 
 

@@ -20,7 +20,12 @@ ARCHS = {"sm_80": 80, "sm_90": 90}
 # Kernels whose work is a matmul (tensor cores expected) and those bound by memory bandwidth.
 MATMUL_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_grad_weight_accumulate",
                   "conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
-MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits", "max_pool2d_fwd", "max_pool2d_bwd")
+MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits", "max_pool2d_fwd", "max_pool2d_bwd",
+                        "dropout", "batch_norm_elemt", "batch_norm_backward_elemt", "batch_norm_stats",
+                        "batch_norm_backward_reduce")
+# Memory-bound reductions whose only stores are per-channel sums or partials: 128-bit loads expected,
+# no 128-bit stores (there is nothing 16 bytes wide to store).
+REDUCTION_KERNELS = ("batch_norm_stats", "batch_norm_backward_reduce")
 
 _VARIANTS: list = []  # set before the worker pool forks: tasks name variants by index
 

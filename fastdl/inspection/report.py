@@ -1,7 +1,7 @@
 """Findings and the table `fastdl inspect` prints, from the rows fastdl.inspection.compile writes."""
 from __future__ import annotations
 
-from fastdl.inspection.compile import MATMUL_KERNELS, MEMORY_BOUND_KERNELS
+from fastdl.inspection.compile import MATMUL_KERNELS, MEMORY_BOUND_KERNELS, REDUCTION_KERNELS
 from fastdl.inspection.sass import DEVICES
 
 TENSOR_CORE_PRECISIONS = ("fp16", "bf16", "tf32")
@@ -53,8 +53,9 @@ def findings(row: dict) -> list[str]:
     if row["kernel"].removesuffix(".cu") in MATMUL_KERNELS and row["precision"] in TENSOR_CORE_PRECISIONS \
             and not row["mma"]:
         out.append(f"no tensor cores: a {row['precision']} matmul without HGMMA/HMMA")
-    if row["kernel"].removesuffix(".cu") in MEMORY_BOUND_KERNELS and row["global_loads"] \
-            and not (row["global_loads_128"] and row["global_stores_128"]):
+    kernel = row["kernel"].removesuffix(".cu")
+    if kernel in MEMORY_BOUND_KERNELS and row["global_loads"] \
+            and not (row["global_loads_128"] and (row["global_stores_128"] or kernel in REDUCTION_KERNELS)):
         why = "" if _aligned_rows(row) else " (row length not a multiple of 16 elements)"
         out.append(f"no 128-bit accesses: memory-bound, no 128-bit {'loads' if not row['global_loads_128'] else 'stores'}{why}")
     narrow = {b: n for b, n in (row.get("async_copy_bits") or {}).items() if int(b) < 128}

@@ -481,6 +481,38 @@ def conv2d_case(N: int, C: int, H: int, W: int, K: int, dtype: torch.dtype, chan
                 lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1)))
 
 
+def batch_norm_case(N: int, C: int, H: int, W: int, dtype: torch.dtype, channels_last: bool = True,
+                    fused: bool = False) -> Case:
+    """Training batch norm (batch statistics, affine, no running statistics), alone or as ResNet's
+    block tail act(bn(x) + residual) with relu fused. torch eager: batch_norm (+ add, relu) and their
+    backwards; fastdl: stats + one normalize pass (writing a 1-byte relu mask when fused), one
+    reduce + one elementwise pass backward."""
+    import fastdl
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = _randn(N, C, H, W, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+        weight = (1 + 0.1 * _randn(C, dtype=dtype, generator=g, requires_grad=False)).requires_grad_()
+        bias = _randn(C, dtype=dtype, generator=g, scale=0.1)
+        grad = _randn(N, C, H, W, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+        inputs = (x.requires_grad_(), weight, bias)
+        if fused:
+            inputs += (_randn(N, C, H, W, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+                       .requires_grad_(),)
+        return inputs, grad
+
+    layout = "channels_last" if channels_last else "NCHW"
+    if fused:
+        return Case("batch_norm+relu+residual", f"{N}x{C}x{H}x{W} train {layout}", dtype, make,
+                    lambda x, w, b, r: fastdl.functional.batch_norm(x, None, None, w, b, training=True,
+                                                                    activation="relu", residual=r),
+                    lambda x, w, b, r: F.relu(F.batch_norm(x, None, None, w, b, training=True) + r))
+    return Case("batch_norm", f"{N}x{C}x{H}x{W} train {layout}", dtype, make,
+                lambda x, w, b: fastdl.functional.batch_norm(x, None, None, w, b, training=True),
+                lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True))
+
+
 @contextlib.contextmanager
 def _environ(name: str, value: Optional[str]):
     before = os.environ.get(name)
@@ -507,6 +539,8 @@ def default_cases() -> list[Case]:
               for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False))]
     cases += [conv2d_case(2, 64, 16, 16, 64, dtype, channels_last)
               for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, False))]
+    cases += [batch_norm_case(32, 64, 28, 28, dtype, channels_last, fused)
+              for fused in (False, True) for dtype in (torch.bfloat16, torch.float32) for channels_last in (True, False)]
     return cases
 
 

@@ -27,6 +27,14 @@ Signatures and results (the functional layer has validated and normalized every 
   conv2d(input (N, C, H, W), weight (K, C/groups, R, S), bias (K,) | None, stride [sH, sW],
          padding [top, bottom, left, right], dilation [dH, dW], groups: int, activation: str,
          negative_slope: float) -> (out (N, K, P, Q), saved: uint8 mask, pre-activation or empty)
+  batch_norm(input (N, C, S), weight (C,) | None, bias (C,) | None, residual (N, C, S) | None,
+             running_mean (C,) | None, running_var (C,) | None, training: bool, eps: float,
+             activation: str, negative_slope: float, channels_last: bool, save_mask: bool)
+      -> (out (N, C, S), mean, invstd, var (C,) acc dtype (var empty in eval), mask: uint8 or empty)
+  dropout(input (dense, any strides), seed (2,) int64 on input's device, p: float in (0, 1)) -> out
+      (out has input's strides; the mask a pure function of (seed, p, element): see ops/dropout.py)
+  linear_dropout(input, weight, bias, activation, negative_slope, p: float in (0, 1), seed (2,) int64)
+      -> (out (M, N) = dropout(act(linear)), saved as linear's): see ops/linear_dropout.py
 """
 from __future__ import annotations
 
@@ -34,17 +42,21 @@ import threading
 
 import torch
 
+from fastdl.ops import batch_norm as _batch_norm
 from fastdl.ops import conv2d as _conv2d
 from fastdl.ops import cross_entropy as _cross_entropy
+from fastdl.ops import dropout as _dropout
 from fastdl.ops import linear as _linear
 from fastdl.ops import linear_cross_entropy as _linear_cross_entropy
+from fastdl.ops import linear_dropout as _linear_dropout
 from fastdl.ops import max_pool2d as _max_pool2d
 
-OP_NAMES = ("linear", "cross_entropy", "linear_cross_entropy", "max_pool2d", "conv2d")
+OP_NAMES = ("linear", "cross_entropy", "linear_cross_entropy", "max_pool2d", "conv2d", "batch_norm", "dropout", "linear_dropout")
 BACKEND_NAMES = ("triton", "cupy", "reference", "torch")
 
 _MODULES = {"linear": _linear, "cross_entropy": _cross_entropy, "linear_cross_entropy": _linear_cross_entropy,
-            "max_pool2d": _max_pool2d, "conv2d": _conv2d}
+            "max_pool2d": _max_pool2d, "conv2d": _conv2d, "batch_norm": _batch_norm,
+            "dropout": _dropout, "linear_dropout": _linear_dropout}
 _defined: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 

@@ -6,3 +6,6 @@ from fastdl.backends.cupy.linear import linear_bwd, linear_fwd, linear_grad_weig
 from fastdl.backends.cupy.cross_entropy import cross_entropy_bwd, cross_entropy_fwd  # noqa: F401
 from fastdl.backends.cupy.max_pool2d import max_pool2d_bwd, max_pool2d_fwd  # noqa: F401
 from fastdl.backends.cupy.conv2d import conv2d_bwd, conv2d_fwd  # noqa: F401
+from fastdl.backends.cupy.batch_norm import (batch_norm_backward_elemt, batch_norm_backward_reduce,  # noqa: F401
+                                          batch_norm_elemt, batch_norm_stats)
+from fastdl.backends.cupy.dropout import dropout_bwd, dropout_fwd, dropout_rows  # noqa: F401

@@ -40,9 +40,19 @@ NAME_EXPRESSIONS = {
 NAME_EXPRESSIONS["conv2d"] = (tuple(f"{kernel}<{CUDA_TYPES[precision]}>" for kernel in CONV2D_KERNELS
                                     for precision in (*DTYPES, TF32))
                               + tuple(f"conv2d_sum_splits<{CUDA_TYPES[dtype]}>" for dtype in DTYPES))
+# batch_norm's four kernels per dtype; its split combines per accumulator type (float, double).
+BATCH_NORM_KERNELS = ("batch_norm_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+BATCH_NORM_COMBINES = ("batch_norm_stats_combine", "batch_norm_backward_reduce_combine")
+NAME_EXPRESSIONS["batch_norm"] = (tuple(f"{kernel}<{CUDA_TYPES[dtype]}>" for kernel in BATCH_NORM_KERNELS
+                                        for dtype in DTYPES)
+                                  + tuple(f"{kernel}<{CUDA_TYPES[dtype]}>" for kernel in BATCH_NORM_COMBINES
+                                          for dtype in (torch.float32, torch.float64)))
+# dropout's one kernel (forward and backward alike) per dtype.
+NAME_EXPRESSIONS["dropout"] = tuple(f"dropout_apply<{CUDA_TYPES[dtype]}>" for dtype in DTYPES)
 # Per source stem: the sources compiled before it in the same module (cross_entropy.cu uses
-# linear.cu's element types; conv2d.cu its block matmul, loaders' element types and epilogue).
-SOURCE_PRELUDES = {"cross_entropy": ("linear",), "conv2d": ("linear",)}
+# linear.cu's element types; conv2d.cu its block matmul, loaders' element types and epilogue;
+# batch_norm.cu its activations).
+SOURCE_PRELUDES = {"cross_entropy": ("linear",), "conv2d": ("linear",), "batch_norm": ("linear",)}
 # The kernels' fixed geometry: 64 x 64 output tiles, 256 threads per block.
 BLOCK_ROWS = BLOCK_COLS = 64
 THREADS = 256

@@ -18,3 +18,6 @@ from fastdl.backends.reference.linear import (LINEAR_CE_BYTES_PER_LOGIT, linear_
 from fastdl.backends.reference.cross_entropy import cross_entropy_bwd, cross_entropy_fwd  # noqa: F401
 from fastdl.backends.reference.max_pool2d import max_pool2d_bwd, max_pool2d_fwd  # noqa: F401
 from fastdl.backends.reference.conv2d import conv2d_bwd, conv2d_fwd  # noqa: F401
+from fastdl.backends.reference.batch_norm import (batch_norm_backward_elemt, batch_norm_backward_reduce,  # noqa: F401
+                                                  batch_norm_elemt, batch_norm_stats)
+from fastdl.backends.reference.dropout import dropout_bwd, dropout_fwd, dropout_rows  # noqa: F401
