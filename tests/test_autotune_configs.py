@@ -118,7 +118,7 @@ def test_linear_forward_and_backward_with_every_config(monkeypatch, list_name, i
 def test_linear_with_each_sm80_only_tile(monkeypatch, kernel, list_name, tile):
     # The tiles only the A100's lists have (SM80_EXTRA), which the lists above never pin.
     autotuner = KERNELS[kernel]
-    config = K_._config(K_.KERNELS[kernel][0], tile)
+    config = K_.TILES.config(kernel, tile)
     monkeypatch.setattr(autotuner, "configs", [config])
     monkeypatch.setattr(autotuner, "cache", {})
     monkeypatch.setattr(autotuner, "best_config", None, raising=False)
@@ -189,7 +189,7 @@ def test_prune_picks_the_list_of_the_launch(monkeypatch, kernel, precision, acti
     picked = autotuner.early_config_prune(autotuner.configs, named, **kwargs)
     assert [K_.tile_of(c, kernel) for c in picked] == [tiles[0]]
     # With autotuning on (a GPU): the whole list, in its order, and nothing else.
-    monkeypatch.setattr(K_, "_FIRST_CONFIG_ONLY", False)
+    monkeypatch.setattr(K_.TILES, "first_only", False)
     picked = autotuner.early_config_prune(autotuner.configs, named, **kwargs)
     assert [K_.tile_of(c, kernel) for c in picked] == list(tiles)
 
@@ -200,7 +200,7 @@ def test_prune_chooses_for_the_target(monkeypatch, kernel):
     list less the tiles that spill there (SM80_SPILLS); on sm_90, and on a CPU tensor, the whole list."""
     from fastdl.kernels.triton import target
 
-    monkeypatch.setattr(K_, "_FIRST_CONFIG_ONLY", False)
+    monkeypatch.setattr(K_.TILES, "first_only", False)
     autotuner = KERNELS[kernel]
     for precision in PRECISIONS:
         for activation in (("none",) if kernel == ACCUMULATE else ("relu", "gelu")):

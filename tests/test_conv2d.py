@@ -225,10 +225,10 @@ def test_prune_picks_the_launchs_list(monkeypatch, kernel, precision):
         tiles = K_.config_tiles(kernel, name)
         assert [K_.tile_of(c, kernel) for c in autotuner.early_config_prune(autotuner.configs, named, **kwargs)] \
             == [tiles[0]]
-        monkeypatch.setattr(K_, "_FIRST_CONFIG_ONLY", False)
+        monkeypatch.setattr(K_.TILES, "first_only", False)
         assert [K_.tile_of(c, kernel) for c in autotuner.early_config_prune(autotuner.configs, named, **kwargs)] \
             == list(tiles)
-        monkeypatch.setattr(K_, "_FIRST_CONFIG_ONLY", True)
+        monkeypatch.setattr(K_.TILES, "first_only", True)
         # the autotuner prunes once per key: the key holds what config_list_name reads besides dtypes
         assert {"ACTIVATION", "INPUT_PRECISION"} <= set(autotuner.keys)
 
@@ -255,7 +255,7 @@ def test_sm80_extra_tiles_match_reference(monkeypatch, kernel, list_name, tile):
     from fastdl.backends.triton import conv2d as launcher
 
     dtype, tf32, activation = RUN_AS[list_name]
-    config = K_._config(kernel, tile)
+    config = K_.TILES.config(kernel, tile)
     autotuner = CONV_KERNELS[kernel]
     monkeypatch.setattr(autotuner, "configs", [config])
     monkeypatch.setattr(autotuner, "cache", {})

@@ -39,8 +39,8 @@ Pointer offsets are int64: the activations of a large batch pass 2**31 elements.
 import triton
 import triton.language as tl
 
-from . import target
-from .linear import _activation, _activation_grad, _grouped_tile, _sum_splits, first_config_only  # noqa: F401
+from .linear import _activation, _activation_grad, _grouped_tile, _sum_splits  # noqa: F401
+from .matmul_tiles import TileLists
 
 # Channels per group below which FEW_CHANNELS folds s into the channel axis (tl.dot's minimum K).
 FEW_CHANNELS_BELOW = 16
@@ -143,7 +143,7 @@ SM80_EXTRA = {
 }
 
 
-def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
+def _config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     """The list a launch picks from: its operand precision and whether its epilogue / prologue is heavy."""
     itemsize = named_args[KERNELS[kernel][1]].dtype.itemsize
     heavy = kwargs.get("ACTIVATION", 0) in HEAVY_EPILOGUES
@@ -156,64 +156,10 @@ def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     return ("fp16/bf16" if itemsize == 2 else "tf32") + (" heavy" if heavy else "")
 
 
-def config_tiles(kernel: str, name: str, capability: tuple[int, int] | None = None) -> tuple:
-    """The tiles of list `name` for `kernel` on a GPU of `capability` (None: the whole list, what the
-    interpreter runs), its default first."""
-    tiles = KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
-    if target.is_sm80_class(capability):
-        tiles = tuple(t for t in tiles if t not in SM80_SPILLS.get((kernel, name), {}))
-        tiles += tuple(t for t in SM80_EXTRA.get((kernel, name), ()) if t not in tiles)
-    return tiles
-
-
-_OUTER = {"BLOCK_K": ("BLOCK_M", "BLOCK_N"), "BLOCK_N": ("BLOCK_M", "BLOCK_K"), "BLOCK_M": ("BLOCK_N", "BLOCK_K")}
-
-
-def _config(kernel: str, tile) -> triton.Config:
-    reduction = KERNELS[kernel][0]
-    a, b, r, warps, stages = tile
-    outer = _OUTER[reduction]
-    return triton.Config({outer[0]: a, outer[1]: b, reduction: r, "GROUP": 8}, num_warps=warps, num_stages=stages)
-
-
-def tile_of(config, kernel: str) -> tuple:
-    outer = _OUTER[KERNELS[kernel][0]]
-    kw = config.kwargs
-    return (kw[outer[0]], kw[outer[1]], kw[KERNELS[kernel][0]], config.num_warps, config.num_stages)
-
-
-def list_configs(kernel: str, name: str) -> list:
-    """List `name` of `kernel` as triton.Configs, in order (for the tests that pin each config)."""
-    return [_config(kernel, t) for t in config_tiles(kernel, name)]
-
-
-def _all_configs(kernel: str) -> list:
-    tiles = []
-    for name in CONFIG_LISTS:
-        tiles += [t for t in config_tiles(kernel, name) if t not in tiles]
-        tiles += [t for t in SM80_EXTRA.get((kernel, name), ()) if t not in tiles]
-    return [_config(kernel, t) for t in tiles]
-
-
-_FIRST_CONFIG_ONLY = first_config_only()
-
-
-def _pruner(kernel: str):
-    def early_config_prune(configs, named_args, **kwargs):
-        """The configs of this launch's list, in order; only its first where autotuning is off."""
-        tiles = config_tiles(kernel, config_list_name(kernel, named_args, kwargs),
-                             target.capability(named_args[KERNELS[kernel][1]]))
-        picked = [c for t in tiles for c in configs if tile_of(c, kernel) == t]
-        if not picked:  # configs pinned by a test that no list holds: keep them
-            return configs
-        return picked[:1] if _FIRST_CONFIG_ONLY else picked
-
-    return early_config_prune
-
-
-def _autotune(kernel: str, key: list, **kwargs):
-    return triton.autotune(configs=_all_configs(kernel), key=key,
-                           prune_configs_by={"early_config_prune": _pruner(kernel)}, **kwargs)
+TILES = TileLists(KERNELS, CONFIG_LISTS, KERNEL_LISTS, _config_list_name, SM80_SPILLS, SM80_EXTRA)
+# The names tests, the inspection and the launchers use.
+config_list_name, config_tiles, tile_of = TILES.list_name, TILES.config_tiles, TILES.tile_of
+list_configs, _autotune = TILES.list_configs, TILES.autotune
 
 
 # Sizes that only bound masks and index arithmetic are not specialized (divisibility by 16, == 1):

@@ -17,20 +17,13 @@ Every program owns its outputs (no atomics), so results are deterministic and au
 
 Pointer offsets are int64: any of these tensors may pass 2**31 elements.
 """
-import os
-
 import triton
 import triton.language as tl
 
-from . import target
+from .matmul_tiles import TileLists, first_config_only, without  # noqa: F401  (first_config_only: conv2d's)
 from .dropout import keep_factor, keep_words_rows
 
 # ACTIVATION and SAVE take the codes of fastdl.backends.common (ACTIVATION_CODES, SAVE_KIND).
-
-
-def first_config_only() -> bool:
-    """Under the interpreter every trial config would run the whole kernel on the CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("FASTDL_AUTOTUNE", "1") == "0"
 
 
 # --- autotune config lists -------------------------------------------------------------------------
@@ -40,7 +33,7 @@ def first_config_only() -> bool:
 # grad_weight, and the loop steps over the reduction block (BLOCK_K, BLOCK_N, BLOCK_M).
 #
 # Each launch may pick only from the list of its kernel, precision and epilogue on its target
-# (early_config_prune below; the target is the launch's device, see target.py). Every tile fits the
+# (early_config_prune, matmul_tiles.py; the target is the launch's device, see target.py). Every tile fits the
 # A100's 163 KB of shared memory per block (the H100's is 227 KB). On sm_90 no pickable config
 # spills registers (`fastdl inspect --arch sm_90 --configs all`: 0 of 825 pairs); on the A100, where
 # mma.sync keeps the operands in registers, 90 of those pairs spilled (8 B to 1.2 KB, mostly the
@@ -57,10 +50,6 @@ KERNELS = {  # kernel name -> (its reduction block, the pointer whose dtype the 
     "linear_grad_weight_accumulate": ("BLOCK_M", "x_ptr"),
 }
 
-def _without(tiles, *dropped):
-    return tuple(t for t in tiles if t not in dropped)
-
-
 # (regs / spill: sm_90 unless named; "spills" is any local memory per thread.)
 _16 = ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
        (256, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4))
@@ -74,10 +63,10 @@ _FP64_HEAVY_BWD = ((32, 32, 16, 4, 3), (32, 32, 16, 8, 3), (64, 32, 16, 8, 3), (
 # The forward's lists; KERNEL_LISTS below holds the backward kernels'.
 CONFIG_LISTS = {
     # 128x256x64 spills 24 B with relu (its uint8 mask store); 256x128x64 (236 regs) is clean.
-    "fp16/bf16": _without(_16, (128, 256, 64, 8, 3)),
+    "fp16/bf16": without(_16, (128, 256, 64, 8, 3)),
     # gelu / silu in the epilogue of a 128-element-per-thread accumulator: 128x256 and 256x128 spill
     # up to 700 B, also with BLOCK_K=32; 128x128x64 (150 regs) is the biggest clean tile.
-    "fp16/bf16 heavy": _without(_16, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)),
+    "fp16/bf16 heavy": without(_16, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)),
     # TF32's 128x256x32 / 256x128x32 spill 48-700 B (and 64-wide K at 3 stages would not fit 163 KB).
     "tf32": _TF32,
     "tf32 heavy": _TF32,
@@ -88,7 +77,7 @@ CONFIG_LISTS = {
 }
 _BWD_WEIGHT = {
     # 256x128x64 spills 112 B (leaky_relu): g is read transposed, (BLOCK_N, BLOCK_M).
-    "fp16/bf16": _without(_16, (256, 128, 64, 8, 3)),
+    "fp16/bf16": without(_16, (256, 128, 64, 8, 3)),
     # 128x128x64 spills 8 B (fp16 gelu), 128x256x64 184 B, 64x64x64 16 B.
     "fp16/bf16 heavy": ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                         (64, 64, 32, 8, 3), (128, 256, 32, 8, 3)),
@@ -96,7 +85,7 @@ _BWD_WEIGHT = {
     "tf32 heavy": _TF32,
     "fp32": ((64, 64, 32, 4, 3), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
     "fp64": _FP64,
-    "fp64 heavy": _without(_FP64_HEAVY_BWD, (64, 32, 16, 8, 3)),  # 56 B with gelu
+    "fp64 heavy": without(_FP64_HEAVY_BWD, (64, 32, 16, 8, 3)),  # 56 B with gelu
 }
 KERNEL_LISTS = {
     **{("linear_bwd_input", name): tiles for name, tiles in {
@@ -107,7 +96,7 @@ KERNEL_LISTS = {
                             (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 8, 3)),
         # 256x128x32 spills 16 B on sm_80 in the transposed TF32 product (152 B with relu).
         "tf32": _TF32 + ((128, 256, 32, 8, 3),),
-        "tf32 heavy": _without(_TF32, (128, 128, 64, 8, 2)) + ((128, 256, 32, 8, 3),),  # 128x128x64: 8 B
+        "tf32 heavy": without(_TF32, (128, 128, 64, 8, 2)) + ((128, 256, 32, 8, 3),),  # 128x128x64: 8 B
         # FFMA with the activation's prologue: every other tile spills 8-24 B with some activation.
         "fp32": ((128, 128, 32, 8, 3),),
         "fp64": _FP64,
@@ -115,7 +104,7 @@ KERNEL_LISTS = {
     }.items()},
     **{("linear_bwd_weight", name): tiles for name, tiles in _BWD_WEIGHT.items()},
     # No activation, but its g tile is read from grad_out directly: 128x256 spills 304-432 B.
-    **{("linear_grad_weight_accumulate", name): _without(tiles, (128, 256, 64, 8, 3), (128, 256, 32, 8, 3))
+    **{("linear_grad_weight_accumulate", name): without(tiles, (128, 256, 64, 8, 3), (128, 256, 32, 8, 3))
        for name, tiles in _BWD_WEIGHT.items()},
 }
 
@@ -174,14 +163,6 @@ SM80_DROPOUT_SPILLS = {  # besides SM80_SPILLS, on sm_80
 DROPOUT_SUFFIX = " dropout"
 
 
-def config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
-    """The config list a launch picks from: its operand precision and, where it matters, whether its
-    epilogue (forward) or prologue (backward) is heavy, and whether dropout is fused (the list less
-    DROPOUT_SPILLS, named with DROPOUT_SUFFIX)."""
-    name = _config_list_name(kernel, named_args, kwargs)
-    return name + DROPOUT_SUFFIX if kwargs.get("DROPOUT", False) else name
-
-
 def _config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     itemsize = named_args[KERNELS[kernel][1]].dtype.itemsize
     heavy = kwargs.get("ACTIVATION", 0) in HEAVY_EPILOGUES
@@ -196,75 +177,11 @@ def _config_list_name(kernel: str, named_args: dict, kwargs: dict) -> str:
     return precision + (" heavy" if heavy else "")
 
 
-def config_tiles(kernel: str, name: str, capability: tuple[int, int] | None = None) -> tuple:
-    """The tiles of list `name` for `kernel` on a GPU of `capability` (None: the whole list, what
-    the interpreter runs), its default first."""
-    dropout = name.endswith(DROPOUT_SUFFIX)
-    name = name.removesuffix(DROPOUT_SUFFIX)
-    tiles = KERNEL_LISTS.get((kernel, name), CONFIG_LISTS[name])
-    if target.is_sm80_class(capability):
-        tiles = _without(tiles, *SM80_SPILLS.get((kernel, name), {})) + SM80_EXTRA.get((kernel, name), ())
-        if dropout:
-            tiles = _without(tiles, *SM80_DROPOUT_SPILLS.get((kernel, name), {}))
-    if dropout:
-        tiles = _without(tiles, *DROPOUT_SPILLS.get((kernel, name), {}))
-    return tiles
-
-
-def _config(reduction_block: str, tile) -> triton.Config:
-    outer = {"BLOCK_K": ("BLOCK_M", "BLOCK_N"), "BLOCK_N": ("BLOCK_M", "BLOCK_K"),
-             "BLOCK_M": ("BLOCK_N", "BLOCK_K")}[reduction_block]
-    a, b, r, warps, stages = tile
-    return triton.Config({outer[0]: a, outer[1]: b, reduction_block: r, "GROUP": 8},
-                         num_warps=warps, num_stages=stages)
-
-
-def tile_of(config, kernel: str) -> tuple:
-    reduction_block = KERNELS[kernel][0]
-    outer = [k for k in config.kwargs if k.startswith("BLOCK_") and k != reduction_block]
-    return (config.kwargs[outer[0]], config.kwargs[outer[1]], config.kwargs[reduction_block],
-            config.num_warps, config.num_stages)
-
-
-def matmul_configs(kernel: str) -> list:
-    """Every tile of every list of `kernel`, once each (the autotuner's `configs`; the prune picks a
-    launch's list from them). The whole list also under the interpreter: the prune cuts it to one."""
-    tiles = []
-    for name in CONFIG_LISTS:
-        for capability in (None, (8, 0)):
-            for tile in config_tiles(kernel, name, capability):
-                if tile not in tiles:
-                    tiles.append(tile)
-    return [_config(KERNELS[kernel][0], t) for t in tiles]
-
-
-def list_configs(kernel: str, name: str) -> list:
-    """List `name` of `kernel` as triton.Configs, in order (for the tests that pin each config)."""
-    return [_config(KERNELS[kernel][0], t) for t in config_tiles(kernel, name)]
-
-
-def _pruner(kernel: str):
-    def early_config_prune(configs, named_args, **kwargs):
-        """Autotuner.prune_configs: the configs of this launch's list, in the list's order; only the
-        first of them where autotuning is off (the interpreter, FASTDL_AUTOTUNE=0)."""
-        tiles = config_tiles(kernel, config_list_name(kernel, named_args, kwargs),
-                             target.capability(named_args[KERNELS[kernel][1]]))
-        picked = [c for t in tiles for c in configs if tile_of(c, kernel) == t]
-        if not picked:  # configs pinned by a test (or by hand) that no list holds: keep them
-            return configs
-        return picked[:1] if _FIRST_CONFIG_ONLY else picked
-
-    return early_config_prune
-
-
-_FIRST_CONFIG_ONLY = first_config_only()
-
-
-def _autotune(kernel: str, key: list, **kwargs):
-    # INPUT_PRECISION and ACTIVATION are in every key (the autotuner's cache key also holds each
-    # tensor's dtype): the prune runs once per key, so a key must determine the list.
-    return triton.autotune(configs=matmul_configs(kernel), key=key,
-                           prune_configs_by={"early_config_prune": _pruner(kernel)}, **kwargs)
+TILES = TileLists(KERNELS, CONFIG_LISTS, KERNEL_LISTS, _config_list_name, SM80_SPILLS, SM80_EXTRA,
+                  variants={DROPOUT_SUFFIX: ("DROPOUT", DROPOUT_SPILLS, SM80_DROPOUT_SPILLS)})
+# The names tests, the inspection and the launchers use.
+config_list_name, config_tiles, tile_of = TILES.list_name, TILES.config_tiles, TILES.tile_of
+list_configs, matmul_configs, _autotune = TILES.list_configs, TILES.all_configs, TILES.autotune
 @triton.jit
 def _tanh(z):
     # tanh through exp of a non-positive argument: no overflow, and it runs under the interpreter.
