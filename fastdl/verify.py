@@ -448,3 +448,119 @@ def _check_batch_norm(backend, dtype, device):
                                                               0.1)
                     yield compare_row("batch_norm", backend, dtype, label, "running_mean", rm, new_rm)
                     yield compare_row("batch_norm", backend, dtype, label, "running_var", rv, new_rv)
+
+
+# --- dropout ---------------------------------------------------------------------------------------
+# (The oracle itself: tests/test_reference_dropout.py, Philox against Random123's known answers.)
+# Each row draws its mask from torch.manual_seed(DROPOUT_SEED): the backend's kernel and the
+# reference regenerate it from the same key (fastdl/ops/dropout.py), so out and the gradients
+# compare element by element with the float64 reference.
+
+DROPOUT_SEED, DROPOUT_P = 1234, 0.3
+
+
+def dropout_cases(device: str) -> list[tuple]:
+    """(input shape, layout, note): small odd shapes everywhere; a transformer MLP's activations on CUDA."""
+    cases = [((3, 1001), "contiguous", "partial Philox group and block"),
+             ((2, 6, 5, 7), "channels_last", "counted in memory order")]
+    if device == "cuda":
+        cases.append(((8192, 4096), "contiguous", "MLP activations"))
+    return cases
+
+
+def dropout_linear_cases(device: str) -> list[tuple]:
+    """(M, K, N): N not a multiple of 4 (a row's last Philox group is partial) and one that is."""
+    cases = [(37, 29, 23), (33, 20, 64)]
+    if device == "cuda":
+        cases.append((2048, 1024, 2048))
+    return cases
+
+
+def _key(device: str) -> tuple[int, int]:
+    """The key the next fastdl dropout call draws after torch.manual_seed(DROPOUT_SEED)."""
+    from fastdl.ops.dropout import draw_seed
+
+    torch.manual_seed(DROPOUT_SEED)
+    return tuple(int(v) for v in draw_seed(torch.device(device)).cpu())
+
+
+def _mask_row(op, backend, dtype, shape, out, keep, x) -> dict:
+    """Elements where out's zeros and the reference's mask disagree (x != 0: a kept zero is zero)."""
+    import numpy as np
+
+    got = out.detach().cpu().float().numpy() != 0
+    nonzero = x.detach().cpu().float().numpy() != 0
+    wrong = int(np.count_nonzero((got != keep) & nonzero))
+    return dict(op=op, backend=backend, dtype=dtype_name(dtype), shape=shape, check="mask", max_abs=float(wrong),
+                max_rel=None, status="pass" if wrong == 0 and got.shape == keep.shape else "FAIL")
+
+
+def _kept_fraction_row(backend, device) -> dict:
+    """Kept fraction of a large-ish tensor within 4 sigma of 1 - p (the binomial's sigma)."""
+    import math
+
+    n = 1 << (24 if device == "cuda" else 17)
+    x = torch.ones(n, device=device)
+    torch.manual_seed(DROPOUT_SEED + 1)
+    with fastdl.use_backend(backend):
+        kept = (fastdl.functional.dropout(x, DROPOUT_P) != 0).double().mean().item()
+    sigma = math.sqrt(DROPOUT_P * (1 - DROPOUT_P) / n)
+    deviation = abs(kept - (1 - DROPOUT_P))
+    return dict(op="dropout", backend=backend, dtype="float32", shape=f"{n} p={DROPOUT_P}",
+                check="kept fraction", max_abs=deviation, max_rel=deviation / (1 - DROPOUT_P),
+                status="pass" if deviation < 4 * sigma else "FAIL",
+                detail=f"kept {kept:.5f}, {deviation / sigma:.2f} sigma from {1 - DROPOUT_P}")
+
+
+@check("dropout")
+def _check_dropout(backend, dtype, device):
+    from fastdl import backends
+    from fastdl.reference import dropout as ref
+    from fastdl.reference import linear as linear_ref
+
+    if not hasattr(backends.get(backend), "dropout_fwd"):
+        yield note_row("dropout", backend, dtype_name(dtype), "-", "all", "not checked", "no launcher yet")
+        return
+    p = DROPOUT_P
+    for shape, layout, note in dropout_cases(device):
+        x = testing.make_tensor(shape, dtype, device, seed=1, scale=2.0)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        g = testing.make_tensor(shape, dtype, device, seed=2)
+        key = _key(device)
+        torch.manual_seed(DROPOUT_SEED)
+        with fastdl.use_backend(backend):
+            out = fastdl.functional.dropout(x, p)
+        out.backward(g)
+        # The mask in x's memory order (the op runs on the dense tensor as it is laid out).
+        order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+        keep = ref.flat_keep_mask(key, p, tuple(shape[d] for d in order))
+        keep = keep.transpose(sorted(range(len(order)), key=lambda i: order[i]))
+        expected, saved = ref.forward(_np(x), keep, p)
+        label = f"{'x'.join(map(str, shape))} p={p} {layout} ({note})"
+        yield _mask_row("dropout", backend, dtype, label, out, keep, x)
+        yield compare_row("dropout", backend, dtype, label, "out", out, expected)
+        yield compare_row("dropout", backend, dtype, label, "grad_input", x.grad, ref.backward(_np(g), saved))
+    # linear + relu + dropout fused into the epilogue: the (M, N) output's mask, row by row.
+    tf32 = dtype == torch.float32 and device == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    for M, K, N in dropout_linear_cases(device):
+        x = testing.make_tensor((M, K), dtype, device, seed=3, requires_grad=True)
+        w = testing.make_tensor((N, K), dtype, device, seed=4, scale=K ** -0.5, requires_grad=True)
+        b = testing.make_tensor((N,), dtype, device, seed=5, requires_grad=True)
+        g = testing.make_tensor((M, N), dtype, device, seed=6)
+        key = _key(device)
+        torch.manual_seed(DROPOUT_SEED)
+        with fastdl.use_backend(backend):
+            out = fastdl.functional.linear(x, w, b, activation="relu", dropout=p, training=True)
+        out.backward(g)
+        keep = ref.keep_mask(key, p, M, N)
+        y, linear_saved = linear_ref.forward(_np(x), _np(w), _np(b), "relu", 0.01)
+        expected, saved = ref.forward(y, keep, p)
+        grads = linear_ref.backward(ref.backward(_np(g), saved), linear_saved)
+        label = f"linear {M}x{K}->{N} relu p={p}"
+        yield compare_row("dropout", backend, dtype, label, "out", out, expected, tf32)
+        for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad), grads):
+            yield compare_row("dropout", backend, dtype, label, name, got, want, tf32)
+    if dtype == torch.float32:  # the mask does not depend on the dtype: one statistics row per backend
+        yield _kept_fraction_row(backend, device)
