@@ -3,6 +3,7 @@ against the float64 reference with the mask the scheme defines (fastdl/reference
 dropout's statistics, torch's semantics at the edges (p = 0 and 1, training=False, inplace, NaN,
 -0.0, layouts), errors, autograd (second backward, double backward, gradcheck) and torch.func.
 The CUDA kernel: tests/test_cuda_dropout.py (host emulation and NVRTC)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -298,3 +299,193 @@ def test_nn_dropout_is_torch_dropout():
 def test_fx_traces_the_functional_call():
     traced = torch.fx.symbolic_trace(torch.nn.Sequential(fastdl.nn.Dropout(0.1)))
     assert any(n.target is fastdl.functional.dropout for n in traced.graph.nodes)
+
+
+# --- torch.compile and fx -------------------------------------------------------------------------
+
+class _Block(torch.nn.Module):
+    """An MLP block as users write it: Linear with dropout fused, then a separate Dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = fastdl.nn.Linear(9, 16, activation="relu", dropout=0.3)
+        self.fc2 = fastdl.nn.Linear(16, 5)
+        self.drop = fastdl.nn.Dropout(0.4)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.fc1(x)))
+
+
+def _run_seeded(fn, seed, *tensors):
+    """fn(*tensors) under torch.manual_seed(seed): its output and the gradients of out.square().sum()."""
+    torch.manual_seed(seed)
+    out = fn(*tensors)
+    leaves = [t for t in tensors if t.requires_grad]
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    grads = torch.autograd.grad(out.square().sum(), leaves + params)
+    return out, grads
+
+
+def test_torch_compile_fullgraph_functional_dropout():
+    # The key is drawn by torch.randint inside the graph, from torch's generator as in eager: the
+    # same seed gives eager's mask, a new call a new one.
+    x = make_tensor((6, 37), torch.float64, seed=1, requires_grad=True)
+
+    def fn(t):
+        return fastdl.functional.dropout(torch.tanh(t), 0.3) * 2.0
+
+    with fastdl.use_backend("reference"):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        compiled(x)  # compiles
+        want, want_grads = _run_seeded(fn, 21, x)
+        out, grads = _run_seeded(compiled, 21, x)
+        other = compiled(x)
+    assert torch.equal(out, want) and (out == 0).any()
+    torch.testing.assert_close(grads, want_grads, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(other == 0, out == 0)
+
+
+def test_torch_compile_fullgraph_linear_dropout_and_nn_dropout():
+    torch.manual_seed(0)
+    model = _Block().double()
+    x = make_tensor((7, 9), torch.float64, seed=2, requires_grad=True)
+    with fastdl.use_backend("reference"):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        compiled(x)
+        want, want_grads = _run_seeded(model, 5, x)
+        out, grads = _run_seeded(compiled, 5, x)
+        model.eval()
+        assert torch.equal(compiled(x), model.fc2(model.fc1(x)))  # eval: recompiled, no dropout
+    assert torch.equal(out, want) and (out == 0).any()
+    torch.testing.assert_close(grads, want_grads, rtol=1e-12, atol=1e-12)
+
+
+def test_fx_traces_linear_dropout_and_nn_dropout():
+    torch.manual_seed(0)
+    model = _Block().double()
+    traced = torch.fx.symbolic_trace(model)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls] == [fastdl.functional.linear, fastdl.functional.linear,
+                                         fastdl.functional.dropout]
+    assert calls[0].kwargs["dropout"] == 0.3 and calls[0].kwargs["training"] is True
+    x = make_tensor((7, 9), torch.float64, seed=3, requires_grad=True)
+    with fastdl.use_backend("reference"):
+        want, want_grads = _run_seeded(model, 8, x)
+        out, grads = _run_seeded(traced, 8, x)
+    assert torch.equal(out, want) and (out == 0).any()
+    torch.testing.assert_close(grads, want_grads, rtol=0, atol=0)
+
+
+# --- fastdl verify rows and fastdl bench cases -----------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_rows_pass_and_cover_masks_linear_and_statistics(backend):
+    from fastdl import verify
+
+    rows = [r for dtype in (torch.bfloat16, torch.float32) for r in verify._check_dropout(backend, dtype, "cpu")]
+    assert rows and all(r["status"] == "pass" for r in rows), [r for r in rows if r["status"] != "pass"][:3]
+    alone = [r for r in rows if not r["shape"].startswith("linear")]
+    fused = [r for r in rows if r["shape"].startswith("linear")]
+    assert {r["check"] for r in alone} == {"mask", "out", "grad_input", "kept fraction"}
+    assert {r["check"] for r in fused} == {"out", "grad_input", "grad_weight", "grad_bias"}
+    assert any("channels_last" in r["shape"] for r in alone)
+    # per dtype: 2 shapes x (mask, out, grad_input) + 2 linear shapes x 4; one kept-fraction row (float32).
+    assert len(rows) == 2 * (2 * 3 + 2 * 4) + 1
+    # A wrong key makes the mask rows fail: they compare something.
+    real_key = verify._key
+    try:
+        verify._key = lambda device: tuple(k + 1 for k in real_key(device))
+        wrong = list(verify._check_dropout(backend, torch.float32, "cpu"))
+    finally:
+        verify._key = real_key
+    assert {r["check"] for r in wrong if r["status"] == "FAIL"} >= {"mask", "out", "grad_input", "grad_weight"}
+
+
+def test_bench_cases_and_floor():
+    from fastdl import bench
+    from fastdl.bench.spec import DTYPES
+
+    spec = bench.OPS["dropout"]
+    full = spec.workloads(False)
+    assert {w.group for w in full} == {"dropout", "linear+relu", "linear+relu+dropout"}
+    assert {w.dtype for w in full if w.group == "dropout"} == {"bf16", "fp16", "fp32"}
+    assert len({(w.dtype, w.label) for w in full}) == len(full)
+    # Every fused workload has its linear+relu twin (same dtype and shape), which the overhead needs.
+    fused = {(w.dtype, w.shape) for w in full if w.group == "linear+relu+dropout"}
+    assert fused and fused == {(w.dtype, w.shape) for w in full if w.group == "linear+relu"}
+    quick = spec.workloads(True)
+    assert len(quick) < len(full) and {w.group for w in quick} == {w.group for w in full}
+    cases = bench.cases("dropout")
+    assert len({c.id for c in cases}) == len(cases)
+    w = next(w for w in full if w.group == "dropout" and w.dtype == "bf16")
+    n = math.prod(w.shape)
+    assert DTYPES[w.dtype][0].itemsize == 2
+    assert spec.cost(w, "forward") == spec.cost(w, "backward") == (0.0, 4 * n)  # read x / write out
+    assert spec.cost(w, "forward+backward") == (0.0, 8 * n)
+    # Dropout in the epilogue adds nothing to linear + relu's floor (the mask is regenerated).
+    for mode in ("forward", "backward", "forward+backward"):
+        plain = next(v for v in full if v.group == "linear+relu")
+        twin = next(v for v in full if v.group == "linear+relu+dropout" and (v.dtype, v.shape) ==
+                    (plain.dtype, plain.shape))
+        assert spec.cost(twin, mode) == spec.cost(plain, mode) and spec.cost(plain, mode)[0] > 0
+
+
+@pytest.mark.parametrize("group", ["dropout", "linear+relu", "linear+relu+dropout"])
+def test_bench_functions_pass_the_check_and_a_wrong_output_fails(group):
+    """The bench's own check on CPU: fastdl's output (reference backend) and torch's pass it, a
+    wrong scale, a mask that keeps too much and a NaN fail it."""
+    from fastdl import bench
+    from fastdl.bench.spec import CHECK_TOLERANCE
+
+    spec = bench.OPS["dropout"]
+    w = next(w for w in spec.workloads(True) if w.group == group and w.dtype == "bf16")
+    w = dataclasses.replace(w, dtype="fp32")
+    if group == "dropout":
+        inputs = (make_tensor((64, 300), seed=1, scale=2.0),)
+    else:
+        inputs = (make_tensor((64, 40), seed=1), make_tensor((48, 40), seed=2, scale=40 ** -0.5),
+                  make_tensor((48,), seed=3))
+    torch.manual_seed(0)
+    with fastdl.use_backend("reference"):
+        ours = spec.fastdl_fn(w)(*inputs)
+    theirs = spec.torch_fn(w)(*inputs)
+    tol = CHECK_TOLERANCE["fp32"]
+    assert spec.check(w, inputs, ours) <= tol and spec.check(w, inputs, theirs) <= tol
+    assert not spec.check(w, inputs, ours * 1.01) <= tol
+    assert math.isnan(spec.check(w, inputs, ours.masked_fill(ours != 0, float("nan"))))
+    if group != "linear+relu":
+        undropped = inputs[0] if group == "dropout" else F.relu(F.linear(*inputs))
+        assert spec.check(w, inputs, undropped / (1 - w.param["p"])) == math.inf  # nothing dropped
+
+
+def test_bench_fused_overhead_pairs_the_groups():
+    from fastdl.bench.dropout import fused_overhead
+
+    def record(group, provider, ms, mode="forward+backward"):
+        return dict(group=group, provider=provider, dtype="bf16", shape=[8, 8, 8], mode=mode, ms=ms)
+
+    records = [record("linear+relu", "fastdl-triton", 2.0), record("linear+relu+dropout", "fastdl-triton", 2.1),
+               record("linear+relu", "torch", 3.0), record("linear+relu+dropout", "torch", 4.5),
+               record("linear+relu+dropout", "fastdl-cupy", 1.0), record("dropout", "torch", 1.0)]
+    got = {(r["provider"], r["mode"]): r["ratio"] for r in fused_overhead(records)}
+    assert got == {("fastdl-triton", "forward+backward"): pytest.approx(1.05), ("torch", "forward+backward"): 1.5}
+
+
+def test_bench_prepared_check_uses_the_ops_check():
+    # What `fastdl bench` records as check / max_rel_err_vs_torch for dropout: its own check, not a
+    # comparison with torch's output (another mask), run on the first input copy.
+    from types import SimpleNamespace
+
+    from fastdl import bench
+    from fastdl.bench import timing
+
+    spec = bench.OPS["dropout"]
+    w = dataclasses.replace(next(w for w in spec.workloads(True) if w.group == "dropout"), dtype="fp32")
+    inputs = (make_tensor((16, 500), seed=4, scale=2.0),)
+    torch.manual_seed(1)
+    with fastdl.use_backend("reference"):
+        out = spec.fastdl_fn(w)(*inputs)
+    prepared = SimpleNamespace(case=bench.Case(w, "fastdl-triton", "forward"), inputs=[inputs], first_output=out)
+    assert timing.Prepared.check(prepared) <= bench.CHECK_TOLERANCE["fp32"]
+    prepared.first_output = out * 1.5
+    assert timing.Prepared.check(prepared) > 0.1

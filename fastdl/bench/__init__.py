@@ -30,7 +30,7 @@ from fastdl.bench.timing import (FALLBACK_L2_BYTES, MAX_SETS, TIMING_BUDGET, TIM
 from fastdl.bench.report import plot, plot_dir, summary
 from fastdl.bench.runner import SCHEMA, base_record, measure_case, metrics, run, run_op
 # Importing the op modules registers their OpSpecs.
-from fastdl.bench import batch_norm, conv2d, cross_entropy, linear, max_pool2d  # noqa: F401
+from fastdl.bench import batch_norm, conv2d, cross_entropy, dropout, linear, max_pool2d  # noqa: F401
 
 __all__ = [
     "BASELINE", "BUDGET_ENV", "CHECK_TOLERANCE", "DTYPES", "MODE_PRIORITY", "MODES", "OPS", "PROVIDERS",
