@@ -9,6 +9,9 @@ targets, with the same triton cache, before this suite):
   sm_90, every config:   linear bf16+gelu, fp32 without activation and fp64+gelu (every config the
                          autotuner can pick for them: their kernels' config lists);
   sm_80, default config: linear fp16 / bf16 / TF32 and linear_cross_entropy bf16, and the CUDA sources;
+  both, default config:  dropout (alone, and fused after relu into linear's epilogue with its
+                         backward's regeneration pass) and batch_norm's kernels (channels_last at
+                         stage 1 and stage 4, NCHW at stage 1 and stage 3);
   sm_80, every config:   linear TF32 (the biggest operand tiles against the A100's 163 KB).
 Known failures are strict xfails, one per case, naming the finding and the part of issue 7 that
 fixes it: each flips to a failure ("XPASS(strict)") when fixed, so its mark must then go.
@@ -27,7 +30,11 @@ SUBSETS = {
         "linear fp16 none", "linear bf16 none", "linear tf32 none", "linear fp32 none", "linear fp64 none",
         "linear bf16 gelu", "linear fp16 relu", "linear tf32 gelu 8192x4096->4096", "cross_entropy",
         "linear_cross_entropy", "conv2d bf16 channels_last none 3x3 stage1", "conv2d bf16 channels_last relu 3x3/2",
-        "conv2d tf32 channels_last relu 1x1 reduce"]),
+        "conv2d tf32 channels_last relu 1x1 reduce",
+        # dropout in every precision; fused after relu into linear's epilogue (Philox beside the
+        # accumulator tile); batch_norm's two mappings (channels_last: S = 3136 and 49; NCHW).
+        "dropout", "linear bf16 relu dropout", "batch_norm bf16 channels_last relu residual 32x256x56x56",
+        "batch_norm fp32 channels_last relu residual 32x2048x7x7", "batch_norm fp16 NCHW relu residual 32x256x56x56"]),
     # Every pickable config where the old single list spilled or overflowed: bf16 with the heaviest
     # epilogue (its list drops the 128x256 / 256x128 tiles), fp32 without TF32 (FFMA) and fp64 with
     # GELU (DMMA; its backward list has reduction blocks of 16).
@@ -35,7 +42,9 @@ SUBSETS = {
         "linear bf16 gelu 8192", "linear fp32 none 8192x4096->4096", "linear fp64 gelu 8192x4096->4096"]),
     "sm_80 default": dict(archs=["sm_80"], configs="default", cases=[
         "linear fp16 none 8192x4096->4096", "linear bf16 none 8192x4096->4096", "linear tf32 none 8192x4096->4096",
-        "linear_cross_entropy bf16", "conv2d fp16 channels_last relu 3x3 stage1", "conv2d tf32 channels_last relu 3x3/2"]),
+        "linear_cross_entropy bf16", "conv2d fp16 channels_last relu 3x3 stage1", "conv2d tf32 channels_last relu 3x3/2",
+        "dropout bf16", "dropout fp32", "linear fp16 relu dropout",
+        "batch_norm fp16 channels_last relu residual 32x256x56x56", "batch_norm fp32 NCHW relu residual 32x1024x14x14"]),
     # The A100's 163 KB per block: the TF32 list's biggest tiles (4-byte operands).
     "sm_80 all configs": dict(archs=["sm_80"], configs="all", cuda=False, cases=["linear tf32 none 8192x4096->4096"]),
 }
@@ -136,9 +145,55 @@ def test_no_cuda_instantiation_spills(inspected, arch):
     """Every instantiation of every .cu source the cupy backend compiles (conv and pooling included as
     they arrive: the rows come from nvrtc.cuda_sources())."""
     rows = [r for subset in inspected.values() for r in subset if r["kind"] == "cuda" and r["arch"] == arch]
-    assert {r["kernel"] for r in rows} >= set(CUDA_MATMULS) | {"cross_entropy_fwd.cu", "scale_rows.cu"}
+    assert {r["kernel"] for r in rows} >= set(CUDA_MATMULS) | {"cross_entropy_fwd.cu", "scale_rows.cu", "dropout_apply.cu"} \
+        | {f"batch_norm_{k}.cu" for k in CUDA_BATCH_NORM}
     spilling = [f"{r['case']}: {r['stack']} B" for r in rows if r.get("error") is None and (r["stack"] or r["spill_stores"])]
     assert not spilling, spilling
+
+
+# --- dropout and batch_norm (memory-bound: no spills, 16-byte accesses where rows allow them) ----------
+
+CUDA_BATCH_NORM = ("stats", "stats_combine", "elemt", "backward_reduce", "backward_reduce_combine", "backward_elemt")
+TRITON_BATCH_NORM = ("batch_norm_stats", "batch_norm_stats_combine", "batch_norm_elemt", "batch_norm_backward_reduce",
+                     "batch_norm_sum_partials", "batch_norm_backward_elemt")
+
+
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
+def test_dropout_and_batch_norm_compile_without_spills(inspected, arch):
+    rows = [r for subset in inspected.values() for r in subset if r["arch"] == arch and r["kind"] == "triton"
+            and (r["kernel"] == "dropout" or r["kernel"].startswith("batch_norm"))]
+    assert {r["kernel"] for r in rows} == {"dropout", *TRITON_BATCH_NORM}
+    # The dropout kernel on a flat tensor (fastdl.functional.dropout) and on linear's (M, N) gradient.
+    assert {r["case"].split()[0] for r in rows if r["kernel"] == "dropout"} == {"dropout", "linear"}
+    bad = [(r["kernel"], r["case"], r["error"], r["stack"], r["spill_stores"]) for r in rows
+           if r["error"] or r["stack"] or r["spill_stores"]]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("arch, precision", [("sm_90", "bf16"), ("sm_80", "fp16")])
+def test_linear_dropout_epilogue_on_tensor_cores_without_spills(inspected, arch, precision):
+    # Philox's words sit beside the accumulator tile in the epilogue.
+    rows = rows_of(inspected, arch, "linear_fwd", precision, case="relu dropout")
+    assert all(r["mma"] and not (r["stack"] or r["spill_stores"]) for r in rows), rows
+
+
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
+def test_dropout_uses_128_bit_accesses(inspected, arch):
+    rows = rows_of(inspected, arch, "dropout")
+    scalar = [(r["case"], r["precision"], r["global_load_bits"], r["global_store_bits"]) for r in rows
+              if not (r["global_loads_128"] and r["global_stores_128"])]
+    assert not scalar, scalar
+
+
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
+@pytest.mark.parametrize("kernel", ("batch_norm_elemt", "batch_norm_backward_elemt"))
+def test_batch_norm_channels_last_elemt_uses_128_bit_accesses(inspected, arch, kernel):
+    # Channels are contiguous in channels_last: the element-wise passes load and store 16 bytes a
+    # lane at every spatial size (NCHW rows of 196 or 49 positions cannot be 16-byte aligned).
+    rows = rows_of(inspected, arch, kernel, case="channels_last")
+    scalar = [(r["case"], r["global_load_bits"], r["global_store_bits"]) for r in rows
+              if not (r["global_loads_128"] and r["global_stores_128"])]
+    assert not scalar, scalar
 
 
 SHARED_CASES = [(arch, kernel, precision) for arch, precisions in (
