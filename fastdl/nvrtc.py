@@ -246,9 +246,11 @@ def _cache_write(key: str, compiled: Compiled) -> None:
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        # The cubin first, the metadata last (renamed into place): a reader that finds the .json
-        # finds its cubin.
-        (folder / f"{key}.cubin").write_bytes(compiled.cubin)
+        # The cubin first, the metadata last, each renamed into place: a reader that finds the .json
+        # finds its whole cubin, also while another process (a parallel test worker) writes the same key.
+        tmp = folder / f"{key}.cubin.{os.getpid()}"
+        tmp.write_bytes(compiled.cubin)
+        tmp.replace(folder / f"{key}.cubin")
         tmp = folder / f"{key}.json.{os.getpid()}"
         tmp.write_text(json.dumps({"ok": compiled.ok, "log": compiled.log, "lowered": compiled.lowered}))
         tmp.replace(folder / f"{key}.json")

@@ -65,6 +65,9 @@ class OpSpec:
     torch_fn: Callable[[Workload], Callable]   # the eager torch computation fastdl replaces
     fastdl_fn: Callable[[Workload], Callable]  # fastdl's (backend picked by use_backend)
     cost: Callable[[Workload, str], tuple]     # (workload, mode) -> (FLOPs, minimal bytes moved)
+    # (workload, inputs, output) -> what Prepared.check returns, for an op whose output cannot equal
+    # torch's (dropout: each draws its own mask); None compares with torch eager's output.
+    check: Callable | None = None
 
 
 def random_tensor(shape, dtype: torch.dtype, *, seed: int, scale: float = 1.0, device="cuda") -> torch.Tensor:
