@@ -250,6 +250,67 @@ def test_backward_elemt_only_the_residual_gradient():
     assert_close(grad_residual, expected, torch.float32, name="grad_residual")
 
 
+def _check_backward_dy_first(shape, channels_last, dtype, activation, residual, with_mask, training=True):
+    """The op's path when the residual's gradient is wanted: backward_reduce writes dy into it
+    (dy3=), then backward_elemt reads dy back with no activation. dy, the sums and grad_input
+    against the reference's two-pass form; the sums add dy as stored, rounded to x's dtype."""
+    args, x, r = _backward_args(shape, channels_last, dtype, activation, residual, with_mask)
+    assert bn.batch_norm_backward_reduce.writes_dy
+    dy = torch.full_like(r, float("nan"))
+    sums = bn.batch_norm_backward_reduce(*args, dy3=view3(dy))
+    expected_sums = ref.batch_norm_backward_reduce(*args)
+    expected_dy = torch.full_like(r, float("nan"))
+    ref.batch_norm_backward_elemt(*args, None, None, None, view3(expected_dy))
+    assert dy.stride() == r.stride()
+    assert_close(dy, expected_dy, dtype, name="dy")
+    for got, want, name in zip(sums, expected_sums, ("sum_dy", "sum_dy_xmu")):
+        assert_close(got, want, dtype, name=name)
+    # The sums are of dy as stored: the reference's reduce over the stored dy (no activation) agrees
+    # to float32 summation order, tighter than the dtype's tolerance when dy is half precision.
+    stored_sums = ref.batch_norm_backward_reduce(view3(dy), *args[1:6], None, None, "none", 0.1)
+    for got, want, name in zip(sums, stored_sums, ("sum_dy", "sum_dy_xmu")):
+        assert_close(got, want.to(got.dtype), _acc(dtype), name=name + " of the stored dy")
+    count = x.numel() // x.shape[1]
+    mean_dy, mean_dy_xmu = (expected_sums[0] / count, expected_sums[1] / count) if training else (None, None)
+    grad_input, expected = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    bn.batch_norm_backward_elemt(view3(dy), *args[1:6], None, None, "none", 0.1, mean_dy, mean_dy_xmu,
+                                 view3(grad_input), None)
+    ref.batch_norm_backward_elemt(*args, mean_dy, mean_dy_xmu, view3(expected), None)
+    assert_close(grad_input, expected, dtype, name="grad_input")
+
+
+DY_FIRST_OPTIONS = [
+    (torch.float32, "relu", "same layout", True, True),       # ResNet's block tail: the mask
+    (torch.float32, "leaky_relu", "other layout", True, False),  # dy in the residual's layout; eval
+    (torch.float32, "gelu", "other layout", False, True),     # pre recomputed from x and the residual
+    (torch.float16, "relu", "other layout", True, True),
+    (torch.float16, "silu", "same layout", False, True),      # dy rounded to half before it is summed
+    (torch.float64, "leaky_relu", "same layout", True, True),
+]
+
+
+@pytest.mark.parametrize("dtype, activation, residual, with_mask, training", DY_FIRST_OPTIONS)
+@pytest.mark.parametrize("shape, channels_last", _cases([SHAPES[0], SHAPES[3], SHAPES[4]]))
+def test_backward_reduce_writes_dy(shape, channels_last, dtype, activation, residual, with_mask, training):
+    _check_backward_dy_first(shape, channels_last, dtype, activation, residual, with_mask, training)
+
+
+def test_backward_reduce_writing_dy_is_bitwise_deterministic_and_sums_the_same():
+    """Split reductions (both layouts) with dy3: the same bits on every run, and in float32 (where
+    storing dy rounds nothing) the same sums as without it."""
+    for shape, channels_last in (((512, 3, 7, 7), False), ((8, 3, 40, 40), True)):
+        args, x, r = _backward_args(shape, channels_last, torch.float32, "relu", "same layout", True)
+        assert bn.reduction_plan(args[1], channels_last)["partials"] > 1
+        runs = []
+        for _ in range(2):
+            dy = torch.full_like(r, float("nan"))
+            runs.append((bn.batch_norm_backward_reduce(*args, dy3=view3(dy)), dy))
+        (sums, dy), (sums_again, dy_again) = runs
+        assert torch.equal(dy, dy_again)
+        assert all(torch.equal(a, b) for a, b in zip(sums, sums_again))
+        assert all(torch.equal(a, b) for a, b in zip(sums, bn.batch_norm_backward_reduce(*args)))
+
+
 def test_bf16_stand_in():
     """bf16 through the interpreter's float32 stand-in: the launchers declare what they write."""
     shape = (3, 5, 4, 4)
@@ -259,6 +320,7 @@ def test_bf16_stand_in():
     assert_close(var, ref.batch_norm_stats(view3(x))[1], torch.bfloat16, name="var")
     _check_elemt(shape, True, torch.bfloat16, "relu", "other layout", True, True)
     _check_backward(shape, True, torch.bfloat16, "relu", "same layout", True)
+    _check_backward_dy_first(shape, True, torch.bfloat16, "relu", "other layout", True)  # dy3 declared written
 
 
 # --- tile shapes and plans --------------------------------------------------------------------------------

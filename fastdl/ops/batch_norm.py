@@ -25,7 +25,10 @@ from (mean, var), once per call, so an autotuner's trial launches cannot touch t
 
 Backward (batch_norm_backward_reduce + batch_norm_backward_elemt) writes new tensors only:
 grad_bias = sum_dy, grad_weight = sum_dy_xmu * invstd, grad_input (training: with the means of
-both sums; eval: dy * invstd * weight), grad_residual = dy. An empty batch (N * S == 0) launches
+both sums; eval: dy * invstd * weight), grad_residual = dy. Where the backend's reduce launcher
+has `writes_dy` (triton), an activation is fused and the residual's gradient is wanted, the
+reduction writes dy into grad_residual and backward_elemt reads it back as its grad_out with no
+activation (one activation-sized read instead of grad_out + the mask or residual). An empty batch (N * S == 0) launches
 nothing: empty out and grad_input, zero statistics, zero grad_weight and grad_bias (torch's).
 
 Double backward (create_graph=True) recomputes the forward with torch's differentiable ops
@@ -184,12 +187,21 @@ def define_op(backend: str):
         mask3 = view3(mask, channels_last) if mask.numel() else None
         r3 = dense_view3(residual) if residual is not None and mask3 is None else None
         common = (dense_view3(grad_out), x3, mean, invstd, weight, bias, r3, mask3, activation, negative_slope)
-        if needs_weight_grad or needs_bias_grad or (training and needs_input_grad):
-            sum_dy, sum_dy_xmu = launchers.batch_norm_backward_reduce(*common)
+        reduce = needs_weight_grad or needs_bias_grad or (training and needs_input_grad)
+        # The reduction pass writes dy (the residual's gradient) where the backend can: the
+        # elementwise pass then reads dy and x, not grad_out, x and the mask (or residual) again.
+        dy_first = (reduce and needs_residual_grad and activation not in (None, "none")
+                    and getattr(launchers.batch_norm_backward_reduce, "writes_dy", False))
+        if reduce:
+            sum_dy, sum_dy_xmu = launchers.batch_norm_backward_reduce(
+                *common, **({"dy3": dense_view3(grad_residual)} if dy_first else {}))
             if needs_weight_grad:
                 grad_weight.copy_(sum_dy_xmu * invstd)
             if needs_bias_grad:
                 grad_bias.copy_(sum_dy)
+        if dy_first:
+            needs_residual_grad = False
+            common = (dense_view3(grad_residual), x3, mean, invstd, weight, bias, None, None, "none", negative_slope)
         if needs_input_grad or needs_residual_grad:
             mean_dy = mean_dy_xmu = None
             if training and needs_input_grad:

@@ -6,9 +6,13 @@ launchers are fastdl/backends/triton/batch_norm.py, the contract they keep is th
 Why it looks like this: every pass is memory-bound. The forward reads x once for the statistics
 and once more for the normalize pass, which writes out (and a 1-byte relu mask instead of
 re-reading the residual in backward); the backward reads grad_out and x once for the two sums and
-once more for grad_input (and the residual's gradient). What matters is that every byte moves at
-full bandwidth: coalesced 16-byte accesses in both layouts, and enough programs in flight even
-when channels are few.
+once more for grad_input (and the residual's gradient). With an activation and a residual whose
+gradient is wanted, the reduction pass writes dy = grad_out * act'(pre) (that gradient) as it sums,
+and the elementwise pass reads dy and x only: ResNet's relu + residual block tail moves, per
+element, 4 activation-sized accesses + 1 mask byte forward and 6 + 1 mask byte backward, against
+torch eager's 7 and 6 (fastdl.inspection.traffic: bf16 0.65x forward, 0.85x forward+backward).
+What matters is that every byte moves at full bandwidth: coalesced 16-byte accesses in both
+layouts, and enough programs in flight even when channels are few.
 
 Tensors are (N, C, S) strided views, each with its own three strides. Two fast layouts:
   CHANNELS_TILE (stride_c == 1, NHWC): a tile is [BLOCK_ROWS pixels x BLOCK_COLS channels], the
@@ -397,17 +401,20 @@ def _batch_norm_stats_combine(
 
 @triton.jit
 def _batch_norm_backward_reduce(
-    grad_out_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, residual_ptr, mask_ptr,
+    grad_out_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, residual_ptr, mask_ptr, dy_ptr,
     sum_dy_ptr, sum_dy_xmu_ptr,
-    # grad_out, x, residual (N, C, S); mask uint8. FINAL: sum_dy, sum_dy_xmu (C,) results; otherwise
+    # grad_out, x, residual, dy (N, C, S); mask uint8. FINAL: sum_dy, sum_dy_xmu (C,) results; otherwise
     # their partials (P, C), acc dtype
     num_rows, C, S, PER, negative_slope,  # as _batch_norm_stats's
     stride_gn, stride_gc, stride_gs, stride_xn, stride_xc, stride_xs, stride_rn, stride_rc, stride_rs,
-    stride_mn, stride_mc, stride_ms,
+    stride_mn, stride_mc, stride_ms, stride_dn, stride_dc, stride_ds,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_MASK: tl.constexpr,
-    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, CHANNELS_TILE: tl.constexpr, FINAL: tl.constexpr,
-    ROW64: tl.constexpr, ALIGN: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    WRITE_DY: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, CHANNELS_TILE: tl.constexpr,
+    FINAL: tl.constexpr, ROW64: tl.constexpr, ALIGN: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
+    """The sums of dy = grad_out * act'(pre) and dy * (x - mean). WRITE_DY: dy is also stored, in
+    dy's dtype, and the sums take it as stored (the value the elementwise pass then reads back)."""
     c, c_ok, cols, col_ok, lo, hi, partial = _reduction_program(tl.program_id(0), num_rows, C, S, PER, CHANNELS_TILE,
                                                                 ALIGN, BLOCK_COLS)
     if CHANNELS_TILE:
@@ -447,6 +454,12 @@ def _batch_norm_backward_reduce(
         dy = _dy(grad, xmu, 0.0, scale, shift, residual, saved_mask, negative_slope, ACTIVATION, USE_MASK,
                  HAS_RESIDUAL)
         dy = tl.where(ok, dy, 0.0)
+        if WRITE_DY:
+            stored = dy.to(dy_ptr.dtype.element_ty)
+            tl.store(dy_ptr + _reduction_offsets(r, cols, c, S, stride_dn, stride_dc, stride_ds, CHANNELS_TILE,
+                                                 ROW64, ALIGN),
+                     stored, mask=ok)
+            dy = stored.to(ACC_DTYPE)
         sum_dy += dy
         sum_dy_xmu += dy * xmu
 

@@ -6,7 +6,8 @@ the outputs). Tensors named *3 are (N, C, S) strided views; acc is float32 (floa
   batch_norm_stats(x3) -> (mean, biased var)                                           acc (C,)
   batch_norm_elemt(x3, mean, invstd, weight, bias, residual3, activation, negative_slope, out3, mask3)
   batch_norm_backward_reduce(grad_out3, x3, mean, invstd, weight, bias, residual3, mask3, activation,
-                             negative_slope) -> (sum_dy, sum_dy_xmu)                   acc (C,)
+                             negative_slope, dy3=None) -> (sum_dy, sum_dy_xmu)         acc (C,)
+      (dy3: an extension only this backend has, declared by its `writes_dy` attribute)
   batch_norm_backward_elemt(grad_out3, x3, mean, invstd, weight, bias, residual3, mask3, activation,
                             negative_slope, mean_dy, mean_dy_xmu, grad_input3, grad_residual3)
 
@@ -200,11 +201,26 @@ def _grad_flags(residual3, mask3, activation):
     return code, use_mask, residual3 is not None and code != 0 and not use_mask
 
 
-@interpreter_bf16(results=("acc", "acc"))
+def _writes_dy(launcher):
+    """Marks a reduce launcher that takes dy3=: fastdl/ops/batch_norm.py passes it only to one with
+    this attribute (a backend without it keeps the contract's form, backward_elemt reading grad_out
+    and the mask or residual again). Set before @interpreter_bf16 wraps it, so the wrapper and the
+    launcher itself (fastdl.inspection.traffic calls __wrapped__) both carry it."""
+    launcher.writes_dy = True
+    return launcher
+
+
+@interpreter_bf16(results=("acc", "acc"), mutates=("dy3",))
+@_writes_dy
 def batch_norm_backward_reduce(grad_out3, x3, mean, invstd, weight, bias, residual3, mask3, activation,
-                               negative_slope):
+                               negative_slope, dy3=None):
     """(sum_dy, sum_dy_xmu), acc dtype (C,): the sums over N and S of dy = grad_out * act'(pre) and
-    of dy * (x - mean); deterministic (fixed-order combine of the split partials)."""
+    of dy * (x - mean); deterministic (fixed-order combine of the split partials).
+
+    dy3 (this backend's extension of the contract, declared by the launcher's `writes_dy`
+    attribute): an (N, C, S) output in x's dtype that receives dy, rounded to its dtype, which is
+    then what the sums add. The op passes the residual's gradient there, and backward_elemt then
+    reads dy (with activation "none") instead of grad_out and the mask or residual."""
     N, C, S = x3.shape
     acc = TORCH_ACC_DTYPE[x3.dtype]
     sum_dy = torch.empty(C, device=x3.device, dtype=acc)
@@ -217,7 +233,7 @@ def batch_norm_backward_reduce(grad_out3, x3, mean, invstd, weight, bias, residu
     tile_channels = channels_tile(x3)
     plan = reduction_plan(x3, tile_channels)
     P = plan["partials"]
-    align = 1 if tile_channels else _align(x3, [grad_out3, x3, residual3, mask3])
+    align = 1 if tile_channels else _align(x3, [grad_out3, x3, residual3, mask3, dy3])
     if P == 1:
         targets = (sum_dy, sum_dy_xmu)
     else:
@@ -225,11 +241,12 @@ def batch_norm_backward_reduce(grad_out3, x3, mean, invstd, weight, bias, residu
         targets = (partials[0], partials[1])
     wrap_triton(_bn._batch_norm_backward_reduce)[plan["grid"]](
         grad_out3, x3, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
-        residual3 if residual3 is not None else x3, mask3 if mask3 is not None else x3, *targets,
+        residual3 if residual3 is not None else x3, mask3 if mask3 is not None else x3,
+        dy3 if dy3 is not None else grad_out3, *targets,
         plan["num_rows"], C, S, plan["per"], float(negative_slope),
-        *grad_out3.stride(), *x3.stride(), *_strides(residual3, x3), *_strides(mask3, x3),
+        *grad_out3.stride(), *x3.stride(), *_strides(residual3, x3), *_strides(mask3, x3), *_strides(dy3, grad_out3),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual3 is not None,
-        USE_MASK=use_mask, ACTIVATION=code, ACC_DTYPE=ACC_DTYPE[x3.dtype], CHANNELS_TILE=tile_channels,
+        USE_MASK=use_mask, WRITE_DY=dy3 is not None, ACTIVATION=code, ACC_DTYPE=ACC_DTYPE[x3.dtype], CHANNELS_TILE=tile_channels,
         FINAL=P == 1, ROW64=plan["ROW64"], ALIGN=align, BLOCK_ROWS=plan["BLOCK_ROWS"],
         BLOCK_COLS=plan["BLOCK_COLS"], num_warps=_bn.REDUCE_WARPS,
     )
