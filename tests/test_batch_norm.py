@@ -608,3 +608,11 @@ def test_output_may_be_modified_in_place(channels_last):
         results.append((out.detach(), xg.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_spatial_size(backend, layout):
+    """ResNet's stem resolution, 112x112 (S = 12544 per image): many tiles per channel in NCHW rows,
+    many pixel tiles per channel group in channels_last, split over programs and combined."""
+    run_batch_norm(backend, torch.float32, (2, 3, 112, 112), layout=layout, seed=11)
