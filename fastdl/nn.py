@@ -111,6 +111,14 @@ class _BatchNormAct:
     optional residual added before it (`forward(input, residual=None)`). num_batches_tracked is
     counted after the call succeeds (torch counts first), so a rejected input changes nothing."""
 
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 activation: str | None = None, negative_slope: float = 0.01):
+        """torch's BatchNorm*d constructor (the class after this mixin), plus the extras."""
+        _F.check_activation(f"nn.{type(self).__name__}", activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_activation(activation, negative_slope)
+
     def _init_activation(self, activation, negative_slope):
         self.activation = activation
         self.negative_slope = negative_slope
@@ -152,37 +160,15 @@ class BatchNorm1d(_BatchNormAct, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d (same constructor, parameters, buffers and state_dict) with an optional fused
     activation (`activation=`, `negative_slope=`) and residual (`forward(input, residual=None)`)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 activation: str | None = None, negative_slope: float = 0.01):
-        _F.check_activation("nn.BatchNorm1d", activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_activation(activation, negative_slope)
-
 
 class BatchNorm2d(_BatchNormAct, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d (same constructor, parameters, buffers and state_dict) with an optional fused
     activation (`activation=`, `negative_slope=`) and residual (`forward(input, residual=None)`)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 activation: str | None = None, negative_slope: float = 0.01):
-        _F.check_activation("nn.BatchNorm2d", activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_activation(activation, negative_slope)
-
 
 class BatchNorm3d(_BatchNormAct, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d (same constructor, parameters, buffers and state_dict) with an optional fused
     activation (`activation=`, `negative_slope=`) and residual (`forward(input, residual=None)`)."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 activation: str | None = None, negative_slope: float = 0.01):
-        _F.check_activation("nn.BatchNorm3d", activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._init_activation(activation, negative_slope)
-
 
 
 class SyncBatchNorm(_BatchNormAct, torch.nn.SyncBatchNorm):
@@ -198,7 +184,9 @@ class SyncBatchNorm(_BatchNormAct, torch.nn.SyncBatchNorm):
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
                  activation: str | None = None, negative_slope: float = 0.01):
         _F.check_activation("nn.SyncBatchNorm", activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+        # torch's constructor directly: the mixin's takes BatchNorm*d's arguments (no process_group).
+        torch.nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, process_group,
+                                        device, dtype)
         self._init_activation(activation, negative_slope)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
