@@ -1,6 +1,7 @@
 """fastdl.inspection.traffic: the counting itself on hand-checkable cases, then the traffic ratios
 issue 7 asks for (cross_entropy forward+backward at most 0.7x torch eager's bytes, linear with
-relu forward+backward below torch's)."""
+relu forward+backward below torch's) and issue 9's (relu(bn(x) + residual) at most 0.65x torch
+eager's bytes forward and 0.9x forward+backward; dropout no more than torch's)."""
 import json
 
 import numpy as np
@@ -143,6 +144,69 @@ def test_linear_relu_forward_backward_moves_less_than_torch():
     row = _row(rows, "forward+backward")
     assert row["launches"] == 3
     assert row["fastdl_bytes"] < row["torch_bytes"], row
+
+
+# Issue 9's targets for ResNet's block tail relu(bn(x) + residual), training: fastdl's bytes at most
+# these fractions of torch eager's (batch_norm, add, relu and their backwards).
+BATCH_NORM_TAIL_TARGETS = {"forward": 0.65, "forward+backward": 0.9}
+BATCH_NORM_TAIL_CASES = [(dtype, channels_last) for dtype in (torch.bfloat16, torch.float32)
+                         for channels_last in (True, False)]
+
+
+@pytest.fixture(scope="module")
+def batch_norm_tail_rows():
+    # 8 x 64 x 28 x 28: the issue's 32 x 64 x 28 x 28 at a quarter of the batch, 64 channels and
+    # 784 positions as there, so the per-channel bytes (statistics, split partials) weigh as much
+    # against the activations (the committed JSON holds the issue's shape; its ratios are checked
+    # below). Smaller shapes do not keep the ratio: at 4 x 16 x 7 x 7 bf16's forward is 0.654.
+    return {case: traffic.rows_of(traffic.measure(traffic.batch_norm_case(8, 64, 28, 28, *case, fused=True)))
+            for case in BATCH_NORM_TAIL_CASES}
+
+
+@pytest.mark.parametrize("dtype, channels_last", BATCH_NORM_TAIL_CASES,
+                         ids=[f"{str(d).replace('torch.', '')}-{'cl' if cl else 'nchw'}" for d, cl in BATCH_NORM_TAIL_CASES])
+def test_batch_norm_relu_residual_meets_the_issue_targets(batch_norm_tail_rows, dtype, channels_last):
+    # Per element of the activation (A bytes in its dtype, plus one mask byte): forward reads x for
+    # the statistics, then x and the residual, writing out and the relu mask (4A + 1); backward's
+    # reduction reads grad_out, x and the mask and writes dy, the residual's gradient (3A + 1), the
+    # elementwise pass reads dy and x and writes grad_input (3A). torch eager: 7A and 6A.
+    rows = batch_norm_tail_rows[(dtype, channels_last)]
+    A = 8 * 64 * 28 * 28 * torch.empty(0, dtype=dtype).element_size()
+    mask = 8 * 64 * 28 * 28
+    forward, backward = _row(rows, "forward"), _row(rows, "backward")
+    assert 7 * A <= forward["torch_bytes"] <= 7.01 * A and 6 * A <= backward["torch_bytes"] <= 6.01 * A
+    assert 4 * A + mask <= forward["fastdl_bytes"] <= 1.015 * (4 * A + mask), forward
+    assert 6 * A + mask <= backward["fastdl_bytes"] <= 1.015 * (6 * A + mask), backward
+    for mode, target in BATCH_NORM_TAIL_TARGETS.items():
+        row = _row(rows, mode)
+        assert row["fastdl_bytes"] <= target * row["torch_bytes"], (mode, row["fastdl_vs_torch"])
+
+
+def test_committed_batch_norm_rows_meet_the_issue_targets_at_its_shape():
+    doc = json.loads(traffic.JSON_PATH.read_text())
+    rows = [r for r in doc["rows"] if r["op"] == "batch_norm+relu+residual" and r["shape"].startswith("32x64x28x28")]
+    assert {(r["dtype"], r["shape"].split()[-1]) for r in rows} == \
+        {(d, layout) for d in ("bfloat16", "float32") for layout in ("channels_last", "NCHW")}
+    for row in rows:
+        target = BATCH_NORM_TAIL_TARGETS.get(row["mode"])
+        if target is not None:
+            assert row["fastdl_bytes"] <= target * row["torch_bytes"], row["fastdl_vs_torch"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_moves_no_more_than_torch(dtype):
+    # fastdl reads x and writes out (the mask regenerated from the seed, never stored); torch's GPU
+    # dropout also writes a 1-byte mask and its backward reads it.
+    R, C = 48, 200
+    rows = traffic.rows_of(traffic.measure(traffic.dropout_case(R, C, dtype)))
+    A = R * C * torch.empty(0, dtype=dtype).element_size()
+    for row in rows:
+        assert row["fastdl_bytes"] <= row["torch_bytes"], row
+    forward, backward = _row(rows, "forward"), _row(rows, "backward")
+    assert forward["launches"] == backward["launches"] == 1
+    assert 2 * A <= forward["fastdl_bytes"] <= 2 * A + 32           # + the 16-byte seed drawn, read
+    assert 2 * A <= backward["fastdl_bytes"] <= 2 * A + 16
+    assert forward["torch_bytes"] == 2 * A + R * C                   # native_dropout: x, out, bool mask
 
 
 def test_committed_json_covers_every_case_and_is_current_for_cross_entropy(cross_entropy_rows):

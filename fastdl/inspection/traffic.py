@@ -15,7 +15,9 @@ fastdl  For each kernel launch, the distinct bytes its loads read plus the disti
         bf16 launchers run as they do on a GPU (without the interpreter's float32 stand-ins of
         fastdl.backends.triton._launch.interpreter_bf16), so bf16 bytes are 2 per element.
 torch   The same forward and backward written with torch ops (F.linear + activation,
-        F.cross_entropy, F.cross_entropy(F.linear(...)), F.max_pool2d, F.relu(F.conv2d)), under
+        F.cross_entropy, F.cross_entropy(F.linear(...)), F.max_pool2d, F.relu(F.conv2d),
+        F.batch_norm (+ residual add, relu), dropout as aten.native_dropout: F.dropout's CUDA
+        path, since on a CPU tensor it composes bernoulli_, div_ and mul instead), under
         a TorchDispatchMode adding, per aten op, the bytes of its tensor inputs and outputs: each
         tensor's storage span (numel x element size when contiguous; a broadcast tensor's few real
         elements), each tensor once per op. Views and allocations (torch.empty) move no bytes. An
@@ -513,6 +515,46 @@ def batch_norm_case(N: int, C: int, H: int, W: int, dtype: torch.dtype, channels
                 lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True))
 
 
+def _torch_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout(x, p) as torch eager runs it on a GPU: one fused native_dropout (writing a 1-byte
+    mask) and native_dropout_backward. (On a CPU tensor F.dropout composes bernoulli_, div_ and mul
+    instead: not what a GPU user's eager run moves.)"""
+    return torch.ops.aten.native_dropout(x, p, True)[0]
+
+
+def dropout_case(R: int, C: int, dtype: torch.dtype, p: float = 0.1) -> Case:
+    """Dropout alone, training. torch eager: native_dropout (reads x, writes out and a bool mask)
+    and native_dropout_backward (reads grad and the mask); fastdl stores no mask (Philox from a
+    seed, regenerated in backward)."""
+    import fastdl
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return (_randn(R, C, dtype=dtype, generator=g),), _randn(R, C, dtype=dtype, generator=g, requires_grad=False)
+
+    return Case("dropout", f"{R}x{C} p={p}", dtype, make,
+                lambda x: fastdl.functional.dropout(x, p, training=True),
+                lambda x: _torch_dropout(x, p))
+
+
+def linear_dropout_case(M: int, K: int, N: int, dtype: torch.dtype, p: float = 0.1) -> Case:
+    """linear + relu + dropout, training: fastdl's dropout in linear's epilogue (the linear+relu
+    rows at the same shape are the reference point); torch eager: F.linear, F.relu and the GPU's
+    dropout (_torch_dropout)."""
+    import fastdl
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        x = _randn(M, K, dtype=dtype, generator=g)
+        w = _randn(N, K, dtype=dtype, generator=g, scale=K ** -0.5)
+        b = _randn(N, dtype=dtype, generator=g)
+        return (x, w, b), _randn(M, N, dtype=dtype, generator=g, requires_grad=False)
+
+    return Case("linear+relu+dropout", f"M={M} K={K} N={N} p={p}", dtype, make,
+                lambda x, w, b: fastdl.functional.linear(x, w, b, activation="relu", dropout=p, training=True),
+                lambda x, w, b: _torch_dropout(F.relu(F.linear(x, w, b)), p))
+
+
 @contextlib.contextmanager
 def _environ(name: str, value: Optional[str]):
     before = os.environ.get(name)
@@ -541,6 +583,8 @@ def default_cases() -> list[Case]:
               for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, False))]
     cases += [batch_norm_case(32, 64, 28, 28, dtype, channels_last, fused)
               for fused in (False, True) for dtype in (torch.bfloat16, torch.float32) for channels_last in (True, False)]
+    cases += [dropout_case(256, 1024, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    cases += [linear_dropout_case(256, 512, 384, dtype) for dtype in (torch.float32, torch.float16)]
     return cases
 
 
