@@ -237,8 +237,8 @@ BATCH_NORM_SHAPES = ((32, 256, 56, 56), (32, 1024, 14, 14), (32, 2048, 7, 7))
 
 def _batch_norm(shape, dtype, channels_last, activation, residual):
     """The four batch-norm launchers as a training step runs them (the op's launch path: stats,
-    elemt with the relu mask when a residual is added, backward_reduce, backward_elemt with the
-    residual's gradient), called directly on (N, C, S) views."""
+    elemt with the relu mask when a residual is added, backward_reduce (writing the residual's
+    gradient dy when an activation is fused), backward_elemt), called directly on (N, C, S) views."""
     from fastdl.backends.triton import batch_norm as launchers
 
     N, C = shape[:2]
@@ -255,6 +255,14 @@ def _batch_norm(shape, dtype, channels_last, activation, residual):
     weight, bias = _empty(C, dtype=dtype), _empty(C, dtype=dtype)
     mean, var = launchers.batch_norm_stats(x3)
     launchers.batch_norm_elemt(x3, mean, var, weight, bias, r3, activation, 0.01, out3, mask3)
+    if residual and activation != "none":
+        # The op's path then: the reduction writes dy (the residual's gradient, dy3=), and the
+        # elementwise pass reads it back with no activation.
+        sum_dy, sum_dy_xmu = launchers.batch_norm_backward_reduce(g3, x3, mean, var, weight, bias, r3, mask3,
+                                                                  activation, 0.01, dy3=gr3)
+        launchers.batch_norm_backward_elemt(gr3, x3, mean, var, weight, bias, None, None, "none", 0.01, sum_dy,
+                                            sum_dy_xmu, gi3, None)
+        return
     sum_dy, sum_dy_xmu = launchers.batch_norm_backward_reduce(g3, x3, mean, var, weight, bias, r3, mask3,
                                                               activation, 0.01)
     launchers.batch_norm_backward_elemt(g3, x3, mean, var, weight, bias, r3, mask3, activation, 0.01, sum_dy,
