@@ -555,6 +555,31 @@ def linear_dropout_case(M: int, K: int, N: int, dtype: torch.dtype, p: float = 0
                 lambda x, w, b: _torch_dropout(F.relu(F.linear(x, w, b)), p))
 
 
+
+def model_case(name: str, N: int, dtype: torch.dtype, image: int = 16) -> Case:
+    """One training step's forward and backward of a primer's network (fastdl/models.py), the torch
+    original against its fastdl.convert twin (the same Parameters, which are the differentiable
+    inputs besides the images): every kernel and every torch op either runs, channels_last."""
+    import fastdl
+    from fastdl import models
+
+    build = {"SimpleCNN": lambda: models.SimpleCNN(3, 10, image),
+             "SmallResNet": lambda: models.SmallResNet(3, 10, (16, 32))}[name]
+    held = {}
+
+    def make():
+        torch.manual_seed(0)
+        original = build().to(dtype=dtype, memory_format=torch.channels_last)
+        held["original"], held["converted"] = original, fastdl.convert(original)
+        g = torch.Generator().manual_seed(0)
+        x = _randn(N, 3, image, image, dtype=dtype, generator=g, requires_grad=False)
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad = _randn(N, 10, dtype=dtype, generator=g, requires_grad=False)
+        return (x, *original.parameters()), grad
+
+    return Case(f"model {name}", f"{N}x3x{image}x{image} train channels_last", dtype, make,
+                lambda x, *params: held["converted"](x), lambda x, *params: held["original"](x))
+
 @contextlib.contextmanager
 def _environ(name: str, value: Optional[str]):
     before = os.environ.get(name)
@@ -585,6 +610,8 @@ def default_cases() -> list[Case]:
               for fused in (False, True) for dtype in (torch.bfloat16, torch.float32) for channels_last in (True, False)]
     cases += [dropout_case(256, 1024, dtype) for dtype in (torch.float32, torch.bfloat16)]
     cases += [linear_dropout_case(256, 512, 384, dtype) for dtype in (torch.float32, torch.float16)]
+    # Whole models (issue 10): one training step, converted vs original.
+    cases += [model_case(name, 4, torch.bfloat16) for name in ("SimpleCNN", "SmallResNet")]
     return cases
 
 
