@@ -203,14 +203,9 @@ def test_weight_grad_splits_fill_the_gpu():
 @pytest.fixture(scope="module", params=["sm_80", "sm_90"])
 def compiled(request):
     pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC (cuda-bindings) is needed for the compile checks")
-    from fastdl import nvrtc
     from fastdl.inspection import sass
 
-    result = nvrtc.compile_cubin(nvrtc.cuda_sources()[[p.stem for p in nvrtc.cuda_sources()].index("conv2d")],
-                                 request.param)
-    assert result.ok, result.log
-    stats = sass.read_cubin(result.cubin)
-    return request.param, {e: stats[name] for e, name in result.lowered.items()}
+    return request.param, sass.instantiation_stats("conv2d", request.param)
 
 
 def test_every_instantiation_compiles_without_spills(compiled):

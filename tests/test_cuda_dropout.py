@@ -55,11 +55,7 @@ def compiled(request):
     pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC (cuda-bindings) is needed for the compile checks")
     from fastdl.inspection import sass
 
-    source = nvrtc.cuda_sources()[[p.stem for p in nvrtc.cuda_sources()].index("dropout")]
-    result = nvrtc.compile_cubin(source, request.param)
-    assert result.ok, result.log
-    stats = sass.read_cubin(result.cubin)
-    return request.param, {e: stats[name] for e, name in result.lowered.items()}
+    return request.param, sass.instantiation_stats("dropout", request.param)
 
 
 def test_every_instantiation_compiles_without_spills(compiled):

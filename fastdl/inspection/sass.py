@@ -169,3 +169,16 @@ def occupancy(registers: int, shared: int, warps: int, arch: str) -> dict:
     blocks = min(limits.values())
     return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
             "limited_by": min(limits, key=limits.get)}
+
+
+def instantiation_stats(stem: str, arch: str) -> dict[str, FunctionStats]:
+    """{name expression: FunctionStats} of kernels/cuda/<stem>.cu's instantiations compiled by NVRTC
+    for `arch` (through fastdl.nvrtc's cache); raises with NVRTC's log if the module does not compile."""
+    from fastdl import nvrtc
+
+    source = next(p for p in nvrtc.cuda_sources() if p.stem == stem)
+    result = nvrtc.compile_cubin(source, arch)
+    if not result.ok:
+        raise RuntimeError(f"NVRTC could not compile {source.name} for {arch}:\n{result.log}")
+    stats = read_cubin(result.cubin)
+    return {expression: stats[name] for expression, name in result.lowered.items()}
