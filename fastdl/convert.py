@@ -40,27 +40,23 @@ from torch import fx, nn
 import fastdl.nn as fnn
 
 _SWAPS = {
-    nn.Linear: "Linear", nn.Conv2d: "Conv2d", nn.BatchNorm1d: "BatchNorm1d", nn.BatchNorm2d: "BatchNorm2d",
-    nn.BatchNorm3d: "BatchNorm3d", nn.SyncBatchNorm: "SyncBatchNorm", nn.MaxPool2d: "MaxPool2d",
-    nn.Dropout: "Dropout", nn.CrossEntropyLoss: "CrossEntropyLoss",
+    nn.Linear: fnn.Linear, nn.Conv2d: fnn.Conv2d, nn.BatchNorm1d: fnn.BatchNorm1d, nn.BatchNorm2d: fnn.BatchNorm2d,
+    nn.BatchNorm3d: fnn.BatchNorm3d, nn.SyncBatchNorm: fnn.SyncBatchNorm, nn.MaxPool2d: fnn.MaxPool2d,
+    nn.Dropout: fnn.Dropout, nn.CrossEntropyLoss: fnn.CrossEntropyLoss,
 }
+_FASTDL_TYPES = tuple(_SWAPS.values())
+_BATCH_NORMS = (fnn.BatchNorm1d, fnn.BatchNorm2d, fnn.BatchNorm3d, fnn.SyncBatchNorm)
 
-
-def _fastdl_class(module: nn.Module):
-    name = _SWAPS.get(type(module))
-    return getattr(fnn, name, None) if name else None
-
-
-def _fastdl_types() -> tuple:
-    return tuple(c for c in (getattr(fnn, n, None) for n in _SWAPS.values()) if c is not None)
+# The extras fastdl's modules add to torch's, with their defaults (set on a swapped module), and
+# which class has which.
+_EXTRAS = {"activation": None, "negative_slope": 0.01, "dropout": 0.0, "fused_residual": False}
+# (fused_residual is a class attribute of fastdl's BatchNorms, False until a fusion sets it.)
+_EXTRAS_OF = {fnn.Linear: ("activation", "negative_slope", "dropout"),
+              **{cls: ("activation", "negative_slope") for cls in (fnn.Conv2d,) + _BATCH_NORMS}}
 
 
 def _is_fastdl(module: nn.Module) -> bool:
-    return type(module) in _fastdl_types()
-
-
-# Defaults of the extras fastdl's modules add to torch's, set on a swapped module.
-_EXTRAS = {"activation": None, "negative_slope": 0.01, "dropout": 0.0, "fused_residual": False}
+    return type(module) in _FASTDL_TYPES
 
 
 def _swap(module: nn.Module, cls) -> nn.Module:
@@ -73,24 +69,13 @@ def _swap(module: nn.Module, cls) -> nn.Module:
                  "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
         if name in new.__dict__:
             new.__dict__[name] = copy.copy(new.__dict__[name])
-    for name, value in _EXTRAS.items():
-        if name in _class_extras(cls) and name not in new.__dict__:
-            new.__dict__[name] = value
+    for name in _EXTRAS_OF.get(cls, ()):
+        new.__dict__.setdefault(name, _EXTRAS[name])
     return new
 
 
-def _class_extras(cls) -> set:
-    """The extras (activation=, dropout=, ...) a fastdl module class takes."""
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    return {name for name in _EXTRAS if name in params} | ({"fused_residual"} if "activation" in params
-                                                            and issubclass(cls, nn.modules.batchnorm._BatchNorm)
-                                                            else set())
-
-
 def _swap_tree(module: nn.Module, inplace: bool, skipped: list, path: str = "") -> nn.Module:
-    cls = _fastdl_class(module)
+    cls = _SWAPS.get(type(module))
     if cls is not None:
         node = _swap(module, cls)
     else:
@@ -160,8 +145,7 @@ def _has_fastdl(module: nn.Module) -> bool:
 
 
 def _unswap_tree(module: nn.Module) -> nn.Module:
-    back = {getattr(fnn, name): torch_cls for torch_cls, name in _SWAPS.items() if hasattr(fnn, name)}
-    torch_cls = back.get(type(module))
+    torch_cls = {cls: torch_cls for torch_cls, cls in _SWAPS.items()}.get(type(module))
     if torch_cls is not None:
         fused = [name for name, default in _EXTRAS.items() if module.__dict__.get(name, default) != default]
         if fused:
@@ -254,7 +238,7 @@ def _fusable_layer(node: fx.Node, modules: dict, once: set, kinds: tuple):
     if node.op != "call_module" or node.target not in once:
         return None
     module = modules[node.target]
-    return module if isinstance(module, kinds) and type(module) in _fastdl_types() else None
+    return module if isinstance(module, kinds) and _is_fastdl(module) else None
 
 
 def _replace(node: fx.Node, by: fx.Node, graph: fx.Graph) -> None:
@@ -266,17 +250,15 @@ def _fuse(gm: fx.GraphModule) -> None:
     graph = gm.graph
     modules = dict(gm.named_modules())
     once = _single_call_modules(graph)
-    batch_norms = tuple(getattr(fnn, n) for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
-                        if hasattr(fnn, n))
     # 1. residual add (+ activation) into the BatchNorm feeding it
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
             continue
         for i, side in enumerate(node.args):
             other = node.args[1 - i]
-            bn = _fusable_layer(side, modules, once, batch_norms) if isinstance(side, fx.Node) else None
+            bn = _fusable_layer(side, modules, once, _BATCH_NORMS) if isinstance(side, fx.Node) else None
             if bn is None or not isinstance(other, fx.Node) or len(side.users) != 1 or side.kwargs \
-                    or bn.activation is not None or getattr(bn, "fused_residual", False):
+                    or bn.activation is not None or bn.fused_residual:
                 continue
             act_node = next(iter(node.users)) if len(node.users) == 1 else None
             act = _activation_of(act_node, modules) if act_node is not None else None
@@ -295,7 +277,7 @@ def _fuse(gm: fx.GraphModule) -> None:
             graph.erase_node(side)
             break
     # 2. activation into the layer before it
-    layers = (fnn.Linear, fnn.Conv2d) + batch_norms
+    layers = (fnn.Linear, fnn.Conv2d) + _BATCH_NORMS
     for node in list(graph.nodes):
         layer = _fusable_layer(node, modules, once, layers)
         if layer is None or len(node.users) != 1 or layer.activation is not None:
@@ -308,18 +290,17 @@ def _fuse(gm: fx.GraphModule) -> None:
         layer.activation, layer.negative_slope = act
         _replace(user, node, graph)
     # 3. nn.Dropout into the Linear before it
-    if hasattr(fnn, "Dropout") and "dropout" in _class_extras(fnn.Linear):
-        for node in list(graph.nodes):
-            layer = _fusable_layer(node, modules, once, (fnn.Linear,))
-            if layer is None or len(node.users) != 1 or getattr(layer, "dropout", 0.0):
-                continue
-            user = next(iter(node.users))
-            if user.op != "call_module" or not isinstance(modules[user.target], nn.Dropout) \
-                    or user.target not in once:
-                continue
-            layer = modules[node.target] = _own(gm, node.target)
-            layer.dropout = float(modules[user.target].p)
-            _replace(user, node, graph)
+    for node in list(graph.nodes):
+        layer = _fusable_layer(node, modules, once, (fnn.Linear,))
+        if layer is None or len(node.users) != 1 or layer.dropout:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module" or not isinstance(modules[user.target], nn.Dropout) \
+                or user.target not in once:
+            continue
+        layer = modules[node.target] = _own(gm, node.target)
+        layer.dropout = float(modules[user.target].p)
+        _replace(user, node, graph)
     graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
 

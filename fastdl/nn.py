@@ -111,6 +111,9 @@ class _BatchNormAct:
     optional residual added before it (`forward(input, residual=None)`). num_batches_tracked is
     counted after the call succeeds (torch counts first), so a rejected input changes nothing."""
 
+    # Set by fastdl.convert on a layer whose forward gets the residual add after it (shown in the repr).
+    fused_residual = False
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  activation: str | None = None, negative_slope: float = 0.01):
@@ -149,7 +152,7 @@ class _BatchNormAct:
         return out
 
     def extra_repr(self) -> str:
-        extra = ", residual fused" if getattr(self, "fused_residual", False) else ""
+        extra = ", residual fused" if self.fused_residual else ""
         extra += f", activation={self.activation!r}" if self.activation else ""
         if self.activation == "leaky_relu":
             extra += f", negative_slope={self.negative_slope}"

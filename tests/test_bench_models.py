@@ -7,14 +7,11 @@ import json
 
 import pytest
 
-import fastdl
 from fastdl.bench import models as bench_models
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet18"])
 def test_models_bench_runs_on_cpu(tmp_path, name):
-    if name == "resnet18" and not hasattr(fastdl.nn, "BatchNorm2d"):
-        pytest.skip("fastdl.nn.BatchNorm2d is not built yet")
     data = bench_models.run(str(tmp_path), [name], device="cpu", warmup=1, reps=1)
     rows = {r["provider"]: r for r in data["records"]}
     assert set(rows) == set(bench_models.PROVIDERS)

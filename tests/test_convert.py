@@ -18,10 +18,6 @@ from fastdl.convert import convert, fused_summary, revert
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32 models: torch's float32 CPU kernels vs the float64 reference
 
 
-def _has(name: str) -> bool:
-    return hasattr(fastdl.nn, name)
-
-
 def _train_steps(model, x, target, steps=3, loss_fn=F.cross_entropy):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
@@ -40,11 +36,9 @@ PRIMERS = [
      ["layers.0: Linear + activation='sigmoid'", "layers.1: Linear + activation='sigmoid'"]),
     ("SimpleCNN", lambda: models.SimpleCNN(3, 10, 8), (2, 3, 8, 8),
      ["conv1: Conv2d + activation='relu'", "conv2: Conv2d + activation='relu'"]),
+    ("SmallResNet", lambda: models.SmallResNet(1, 10, (4, 8)), (3, 1, 8, 8), None),
+    ("KerasCNN", lambda: models.KerasCNN(1, 10, 28), (2, 1, 28, 28), None),
 ]
-if _has("BatchNorm2d"):
-    PRIMERS.append(("SmallResNet", lambda: models.SmallResNet(1, 10, (4, 8)), (3, 1, 8, 8), None))
-if _has("Dropout"):
-    PRIMERS.append(("KerasCNN", lambda: models.KerasCNN(1, 10, 28), (2, 1, 28, 28), None))
 
 
 @pytest.mark.parametrize("name,make,shape,fused", PRIMERS, ids=[p[0] for p in PRIMERS])

@@ -391,15 +391,22 @@ def _randn(*shape, dtype, generator, requires_grad=True, scale=1.0):
     return t.requires_grad_(requires_grad)
 
 
-def linear_case(M: int, K: int, N: int, dtype: torch.dtype, activation: Optional[str] = None) -> Case:
-    import fastdl
-
+def _linear_inputs(M: int, K: int, N: int, dtype: torch.dtype) -> Callable[[], tuple]:
+    """make() of a dense layer's case: ((x, w, b), grad_output)."""
     def make():
         g = torch.Generator().manual_seed(0)
         x = _randn(M, K, dtype=dtype, generator=g)
         w = _randn(N, K, dtype=dtype, generator=g, scale=K ** -0.5)
         b = _randn(N, dtype=dtype, generator=g)
         return (x, w, b), _randn(M, N, dtype=dtype, generator=g, requires_grad=False)
+
+    return make
+
+
+def linear_case(M: int, K: int, N: int, dtype: torch.dtype, activation: Optional[str] = None) -> Case:
+    import fastdl
+
+    make = _linear_inputs(M, K, N, dtype)
 
     torch_act = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}[activation]
     return Case("linear" + (f"+{activation}" if activation else ""), f"M={M} K={K} N={N}", dtype, make,
@@ -543,14 +550,7 @@ def linear_dropout_case(M: int, K: int, N: int, dtype: torch.dtype, p: float = 0
     dropout (_torch_dropout)."""
     import fastdl
 
-    def make():
-        g = torch.Generator().manual_seed(0)
-        x = _randn(M, K, dtype=dtype, generator=g)
-        w = _randn(N, K, dtype=dtype, generator=g, scale=K ** -0.5)
-        b = _randn(N, dtype=dtype, generator=g)
-        return (x, w, b), _randn(M, N, dtype=dtype, generator=g, requires_grad=False)
-
-    return Case("linear+relu+dropout", f"M={M} K={K} N={N} p={p}", dtype, make,
+    return Case("linear+relu+dropout", f"M={M} K={K} N={N} p={p}", dtype, _linear_inputs(M, K, N, dtype),
                 lambda x, w, b: fastdl.functional.linear(x, w, b, activation="relu", dropout=p, training=True),
                 lambda x, w, b: _torch_dropout(F.relu(F.linear(x, w, b)), p))
 
