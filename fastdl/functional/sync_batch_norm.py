@@ -33,10 +33,6 @@ from fastdl import backends
 from fastdl.ops import batch_norm as bn_op
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def combine_stats(gathered: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, biased var, total count) of the union of the ranks' batches, from the all_gathered
     (world, 2C + 1) rows [mean, var, count], combined in rank order (Chan et al.): every rank
@@ -61,7 +57,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         launchers = backends.get(backend)
         x3 = bn_op.view3(input, channels_last)
         N, C, S = x3.shape
-        acc = _acc_dtype(input.dtype)
+        acc = bn_op.acc_dtype(input.dtype)
         count = N * S
         if count > 0:
             mean, var = launchers.batch_norm_stats(x3)

@@ -94,6 +94,11 @@ def register_fused_autograd(fwd, bwd, torch_forward, saves_extra, saves_output, 
     register_autograd(fwd, backward, setup_context)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of rule 5: float64 for float64, float32 for every other float dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def create_graph() -> bool:
     """Inside a backward: whether autograd is recording it (create_graph=True), so the gradients
     must carry a graph for a second differentiation (rule 3)."""

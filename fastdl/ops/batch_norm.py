@@ -44,14 +44,10 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import create_graph, define, recompute_grads, register_autograd
+from fastdl.ops._define import acc_dtype, create_graph, define, recompute_grads, register_autograd
 from fastdl.ops.linear import TORCH_ACTIVATIONS
 
 MASK_ACTIVATIONS = ("relu", "leaky_relu")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def view3(t: Tensor, channels_last: bool) -> Tensor:

@@ -40,11 +40,7 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import create_graph, define, register_autograd
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastdl.ops._define import acc_dtype, create_graph, define, register_autograd  # noqa: F401  (acc_dtype: re-exported)
 
 
 def mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int,

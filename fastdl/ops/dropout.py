@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import define, register_autograd
+from fastdl.ops._define import acc_dtype, define, register_autograd
 from fastdl.reference import dropout as _ref
 
 SEED_HIGH = 2**31 - 1  # key words are drawn from [0, SEED_HIGH)
@@ -88,8 +88,7 @@ def keep_factor_torch(seed: Tensor, p: float, rows: int, cols: int, dtype: torch
     k0, k1 = seed[0] & _LOW, seed[1] & _LOW
     words = torch.stack(_philox_torch(counter, k0, k1), dim=-1).reshape(rows, groups * 4)[:, :cols]
     keep = (words >> (32 - _ref.UNIFORM_BITS)) >= _ref.threshold(p)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return keep.to(acc) * (1.0 / (1.0 - p))
+    return keep.to(acc_dtype(dtype)) * (1.0 / (1.0 - p))
 
 
 def torch_composite(input: Tensor, seed: Tensor, p: float) -> Tensor:

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._define import create_graph, define, fake_dense_grads, or_empty, recompute_grads, register_autograd
+from fastdl.ops._define import (acc_dtype, create_graph, define, fake_dense_grads, or_empty, recompute_grads,
+                                register_autograd)
 from fastdl.ops.dropout import keep_factor_torch
 from fastdl.ops.linear import SAVES_EXTRA, SAVES_OUTPUT, _act, _fake_saved, torch_linear
 
@@ -59,7 +60,7 @@ def define_op(backend: str):
         if grad.numel():
             launchers.dropout_rows(grad_out, seed, p, grad)
         if out is not None and activation in SAVES_OUTPUT:
-            out = (out.to(torch.float64 if out.dtype == torch.float64 else torch.float32) * (1.0 - p)).to(out.dtype)
+            out = (out.to(acc_dtype(out.dtype)) * (1.0 - p)).to(out.dtype)
         grads = launchers.linear_bwd(grad, input, weight, bias, saved, out, _act(activation), negative_slope,
                                      needs_input_grad, needs_weight_grad, needs_bias_grad)
         return or_empty(grads, grad_out)

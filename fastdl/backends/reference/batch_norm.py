@@ -10,15 +10,12 @@ from __future__ import annotations
 import torch
 
 from fastdl.backends.reference._common import launcher, to_numpy
+from fastdl.ops._define import acc_dtype
 from fastdl.reference import batch_norm as _bn
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _stat(a, x3: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(a).to(device=x3.device, dtype=_acc(x3.dtype))
+    return torch.from_numpy(a).to(device=x3.device, dtype=acc_dtype(x3.dtype))
 
 
 def _write(out: torch.Tensor | None, a) -> None:

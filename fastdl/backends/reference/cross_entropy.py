@@ -6,11 +6,8 @@ import torch
 
 from fastdl.backends.common import check_class_targets
 from fastdl.backends.reference._common import from_numpy, launcher, to_numpy
+from fastdl.ops._define import acc_dtype
 from fastdl.reference import cross_entropy as _cross_entropy
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @launcher
@@ -24,7 +21,7 @@ def cross_entropy_fwd(logits, target, weight, grad_scale, ignore_index, label_sm
         check_class_targets("fastdl.cross_entropy", target, x.shape[1], ignore_index)
     t = to_numpy(target) if prob else target.detach().cpu().numpy().astype(np.int64)
     loss, dloss, _ = _cross_entropy.rows_forward(x, t, to_numpy(weight), ignore_index, label_smoothing)
-    loss_rows = from_numpy(loss, logits, _acc_dtype(logits.dtype))
+    loss_rows = from_numpy(loss, logits, acc_dtype(logits.dtype))
     if not compute_grad:
         return loss_rows, logits.new_empty((0, 0))
     scale = np.broadcast_to(to_numpy(grad_scale), (x.shape[0],))
