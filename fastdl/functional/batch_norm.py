@@ -128,13 +128,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     count = N * torch.Size(input.shape[2:]).numel()
     # -- every check passed: nothing above wrote anything.
 
-    fmt = suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
-    channels_last = fmt != torch.contiguous_format
-    x = input.contiguous(memory_format=fmt)
-    if residual is not None and not is_dense(residual):
-        residual = residual.contiguous()  # the op takes a contiguous or channels_last residual
-    w = None if weight is None else weight.reshape(C)
-    b = None if bias is None else bias.reshape(C)
+    x, w, b, residual, channels_last = layouts(input, weight, bias, residual)
     act = activation or "none"
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
     save_mask = act in MASK_ACTIVATIONS and residual is not None and grad
@@ -144,6 +138,18 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out
+
+
+def layouts(input: Tensor, weight, bias, residual):
+    """(x, weight, bias, residual, channels_last) as the op takes them: the input in the memory format
+    torch gives batch_norm's output (channels_last(_3d) for such 4-D / 5-D input, else contiguous),
+    the residual in a dense layout (contiguous if it had none), the parameters as (C,) vectors."""
+    fmt = suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
+    if residual is not None and not is_dense(residual):
+        residual = residual.contiguous()
+    C = input.shape[1]
+    return (input.contiguous(memory_format=fmt), None if weight is None else weight.reshape(C),
+            None if bias is None else bias.reshape(C), residual, fmt != torch.contiguous_format)
 
 
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,

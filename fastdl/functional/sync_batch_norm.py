@@ -125,20 +125,11 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     calls it; see the module docstring). Arguments as fastdl.functional.batch_norm's; forward-mode
     AD, torch.func transforms and double backward are not supported (torch's SyncBatchNorm has
     none of them either)."""
-    from torch._prims_common import suggest_memory_format
-
-    from fastdl.functional.batch_norm import check_args
+    from fastdl.functional.batch_norm import check_args, layouts
 
     momentum, eps, negative_slope = check_args(input, running_mean, running_var, weight, bias, True, momentum,
-                                                   eps, activation, negative_slope, residual, single_batch=False)
-    world_size = dist.get_world_size(process_group)
-    fmt = suggest_memory_format(input) if input.dim() in (4, 5) else torch.contiguous_format
-    channels_last = fmt != torch.contiguous_format
-    if residual is not None and not bn_op.is_dense(residual):
-        residual = residual.contiguous()
-    C = input.shape[1]
-    w = None if weight is None else weight.reshape(C)
-    b = None if bias is None else bias.reshape(C)
-    return _SyncBatchNorm.apply(input.contiguous(memory_format=fmt), w, b, residual, running_mean, running_var,
-                                momentum, eps, process_group, world_size, activation or "none", negative_slope,
+                                               eps, activation, negative_slope, residual, single_batch=False)
+    x, w, b, residual, channels_last = layouts(input, weight, bias, residual)
+    return _SyncBatchNorm.apply(x, w, b, residual, running_mean, running_var, momentum, eps, process_group,
+                                dist.get_world_size(process_group), activation or "none", negative_slope,
                                 backends.resolve(input.device), channels_last)
