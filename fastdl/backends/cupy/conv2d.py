@@ -3,6 +3,11 @@
 stride (sH, sW), padding (top, bottom, left, right), dilation (dH, dW) come normalized. The output
 (and grad_input) is channels_last exactly when the input is, by torch's suggest_memory_format, as
 torch's convolutions do; any other strides of any tensor are read as they are.
+
+One input channel per group (C/groups == 1: depthwise, with any channel multiplier K/groups) runs
+the direct kernels conv2d_dw_* (the implicit GEMM would have one useful column per group); they
+take the GEMM kernels' arguments, so only the kernel's name and grid differ. They compute in float
+(double) without tensor cores, so TF32 does not apply to them.
 """
 from __future__ import annotations
 
@@ -26,8 +31,30 @@ _DEFAULT_SMS = 132  # where the device cannot be asked (the host emulation): an 
 # launch covers at most MAX_PIXELS output (and input) pixels; a larger batch runs as several launches
 # of whole images.
 MAX_PIXELS = 2**31 - 2**16
-# CUDA's limit on gridDim.y, which holds groups x phases (bwd_input) and groups x splits (bwd_weight).
+# CUDA's limit on gridDim.y, which holds groups x phases (bwd_input) and groups x splits (bwd_weight),
+# and the depthwise kernels' channel tiles (fwd, bwd_input) or splits (bwd_weight).
 _MAX_GRID_Y = 65535
+# The depthwise kernels' block: DW_CHANNELS channels x dw_pixels(dtype) pixels, a thread owning 16
+# bytes of channels of one pixel (conv2d.cu's DW_CHANNELS and DwTile).
+DW_CHANNELS = 32
+
+
+def depthwise(weight: torch.Tensor) -> bool:
+    """Whether conv2d runs the direct depthwise kernels: one input channel per group."""
+    return weight.shape[1] == 1
+
+
+def dw_pixels(dtype: torch.dtype) -> int:
+    """Pixels per block of the depthwise kernels: THREADS / (DW_CHANNELS / (16 bytes of dtype))."""
+    return THREADS * (16 // dtype.itemsize) // DW_CHANNELS
+
+
+def _dw_grid(pixels: int, channels: int, dtype: torch.dtype) -> tuple[int, int]:
+    tiles = rt.cdiv(channels, DW_CHANNELS)
+    if tiles > _MAX_GRID_Y:
+        raise ValueError(f"conv2d (cupy): {channels} channels in a depthwise convolution; the CUDA kernels take at "
+                         f"most {_MAX_GRID_Y * DW_CHANNELS}")
+    return rt.cdiv(pixels, dw_pixels(dtype)), tiles
 
 
 def _precision(dtype: torch.dtype):
@@ -81,16 +108,21 @@ def conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, activatio
     if out.numel() == 0:
         return out, saved
     Kg = K // groups
+    dw = depthwise(weight)
     for n0, n1 in _batches(N, P * Q):
         x = input[n0:n1]
         geometry, _, _ = _geometry(x, weight, stride, padding, dilation, groups)
         s = saved[n0:n1] if kind != SAVE_NONE else None
-        rt.launch("conv2d_fwd", input, (rt.cdiv((n1 - n0) * P * Q, BLOCK_ROWS) * rt.cdiv(Kg, BLOCK_COLS), groups), (
+        if dw:
+            name, grid = "conv2d_dw_fwd", _dw_grid((n1 - n0) * P * Q, K, input.dtype)
+        else:
+            name, grid = "conv2d_fwd", (rt.cdiv((n1 - n0) * P * Q, BLOCK_ROWS) * rt.cdiv(Kg, BLOCK_COLS), groups)
+        rt.launch(name, input, grid, (
             rt.ptr(x), rt.ptr(weight), rt.ptr(bias), rt.ptr(out[n0:n1]), rt.ptr(s),
             *geometry, *rt.i64(*x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
                                *out.stride(), *(s.stride() if s is not None else (0, 0, 0, 0))),
             np.float64(negative_slope), np.int32(bias is not None), np.int32(code),
-        ), stem="conv2d", precision=_precision(input.dtype))
+        ), stem="conv2d", precision=input.dtype if dw else _precision(input.dtype))
     return out, saved
 
 
@@ -120,7 +152,8 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
     _, P, Q = _geometry(input, weight, stride, padding, dilation, groups)
     code = ACTIVATION_CODES[activation]
     s = linear_backward_saved(code, saved, out)  # None: not read without an activation
-    precision = _precision(input.dtype)
+    dw = depthwise(weight)
+    precision = input.dtype if dw else _precision(input.dtype)
     sH, sW = stride
     grad_input = grad_weight = grad_bias = None
 
@@ -136,11 +169,14 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
         if grad_input.numel() > 0:
             for n0, n1 in _batches(N, max(H * W, P * Q)):
                 geometry, pointers, strides = launch_args(n0, n1)
-                # Rows for phase (0, 0), the largest; column tiles over the group's channels.
-                rows = (n1 - n0) * rt.cdiv(H, sH) * rt.cdiv(W, sW)
                 gi = grad_input[n0:n1]
-                rt.launch("conv2d_bwd_input", input, (rt.cdiv(rows, BLOCK_ROWS) * rt.cdiv(Cg, BLOCK_COLS),
-                                                      groups * sH * sW), (
+                if dw:  # one thread per input pixel and 16 bytes of channels
+                    name, grid = "conv2d_dw_bwd_input", _dw_grid((n1 - n0) * H * W, C, input.dtype)
+                else:  # rows for phase (0, 0), the largest; column tiles over the group's channels
+                    rows = (n1 - n0) * rt.cdiv(H, sH) * rt.cdiv(W, sW)
+                    name, grid = "conv2d_bwd_input", (rt.cdiv(rows, BLOCK_ROWS) * rt.cdiv(Cg, BLOCK_COLS),
+                                                      groups * sH * sW)
+                rt.launch(name, input, grid, (
                     *pointers, rt.ptr(weight), rt.ptr(gi),
                     *geometry, *rt.i64(*strides, *weight.stride(), *gi.stride()),
                     np.float64(negative_slope), np.int32(code),
@@ -170,12 +206,16 @@ def _weight_grad(input, weight, grad_weight, grad_bias, launch_args, pixels_per_
     Kg = K // groups
     # Bias only: no columns, so only the blocks of column tile 0 run and sum the rows.
     columns = R * S * Cg if grad_weight is not None else 0
-    tiles = rt.cdiv(Kg, BLOCK_ROWS) * max(1, rt.cdiv(columns, BLOCK_COLS))
+    if depthwise(weight):  # a block per DW_CHANNELS channels and split; no groups on the grid
+        name, tiles, grid_groups = "conv2d_dw_bwd_weight", rt.cdiv(K, DW_CHANNELS), 1
+    else:
+        tiles = rt.cdiv(Kg, BLOCK_ROWS) * max(1, rt.cdiv(columns, BLOCK_COLS))
+        name, grid_groups = "conv2d_bwd_weight", groups
     batches = _batches(N, pixels_per_image)
     largest = max(n1 - n0 for n0, n1 in batches) * pixels_per_image
-    splits, split_len = weight_grad_splits(largest, tiles * groups, input.device)
-    if groups * splits > _MAX_GRID_Y:
-        splits = _MAX_GRID_Y // groups
+    splits, split_len = weight_grad_splits(largest, tiles * grid_groups, input.device)
+    if grid_groups * splits > _MAX_GRID_Y:
+        splits = _MAX_GRID_Y // grid_groups
         split_len = rt.cdiv(rt.cdiv(largest, splits), BLOCK_ROWS) * BLOCK_ROWS
     total = splits * len(batches)
     acc = _ACC_DTYPE[input.dtype]
@@ -189,7 +229,7 @@ def _weight_grad(input, weight, grad_weight, grad_bias, launch_args, pixels_per_
     for index, (n0, n1) in enumerate(batches):
         geometry, pointers, strides = launch_args(n0, n1)
         parts = slice(index * splits, (index + 1) * splits)
-        rt.launch("conv2d_bwd_weight", input, (tiles, groups * splits), (
+        rt.launch(name, input, (tiles, grid_groups * splits), (
             *pointers, rt.ptr(input[n0:n1]), rt.ptr(grad_weight), rt.ptr(grad_bias),
             rt.ptr(partial_weight[parts] if partial_weight is not None else None),
             rt.ptr(partial_bias[parts] if partial_bias is not None else None),
