@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import cuda_emulation
-from cuda_emulation import emulated_backend  # noqa: F401 (a fixture)
+from cuda_emulation import emulated_backend, emulated_functional  # noqa: F401 (fixtures)
 from fastdl.backends.cupy import _runtime as cupy_runtime
 from fastdl.backends.cupy import conv2d as launcher
+from fastdl.testing import assert_close, make_tensor
 from test_cuda_conv2d import _check
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -46,6 +47,9 @@ CASES = {
     "C=37": (_dw(1, 37, 4, 5, 3, 1, 1), "channels_last", "relu", False, [F16, F64]),
     # a stride-2 view of every tensor (no 16-byte run anywhere), sigmoid through `out`
     "strided views": (_dw(1, 8, 5, 5, 3, 1, 1), "strided", "sigmoid", True, [F32]),
+    # an even 4x2 kernel with per-side padding (torch's "same" puts the extra row / column at the
+    # bottom / right) and unequal strides: the pad_top / pad_left offsets and P, Q from both sides
+    "4x2 asymmetric": ((1, 8, 6, 7, 8, 4, 2, (1, 2), (1, 2, 0, 1), (1, 1), 8), "contiguous", "tanh", True, [F16]),
 }
 
 
@@ -68,6 +72,28 @@ def test_emulated_depthwise_matches_reference(emulated_backend, shape, layout, a
     cuda_emulation.launches.clear()
     _check(emulated_backend, precision, shape, layout, activation, bias=bias)
     _ran_depthwise(precision)
+
+
+def test_emulated_functional_with_autograd(emulated_functional):
+    # The whole call: fastdl.functional.conv2d's normalization (padding="same", unbatched input
+    # made 4-D), the op's autograd, the cupy launchers on the depthwise kernels; against the same
+    # call on the reference backend (the float64 oracle).
+    import fastdl
+
+    def run(backend):
+        x = make_tensor((6, 7, 5), F64, seed=1, requires_grad=True)  # unbatched (C, H, W)
+        w = make_tensor((12, 1, 3, 3), F64, seed=2, requires_grad=True)  # multiplier 2
+        b = make_tensor((12,), F64, seed=3, requires_grad=True)
+        with fastdl.use_backend(backend):
+            out = fastdl.functional.conv2d(x, w, b, padding="same", groups=6, activation="gelu")
+            out.backward(make_tensor(out.shape, F64, seed=4))
+        return out, x.grad, w.grad, b.grad
+
+    cuda_emulation.launches.clear()
+    got = run("cupy")
+    _ran_depthwise(F64)
+    for name, a, e in zip(("out", "grad_input", "grad_weight", "grad_bias"), got, run("reference")):
+        assert_close(a, e.detach(), F64, name=name)
 
 
 def test_misaligned_channels_last_views(emulated_backend, monkeypatch):
