@@ -29,6 +29,8 @@ LINEAR_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear
 CROSS_ENTROPY_KERNELS = ("cross_entropy_fwd", "scale_rows")
 MAX_POOL2D_KERNELS = ("max_pool2d_fwd", "max_pool2d_bwd")
 CONV2D_KERNELS = ("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
+# conv2d's direct depthwise kernels (one input channel per group): float accumulation, no TF32.
+CONV2D_DW_KERNELS = ("conv2d_dw_fwd", "conv2d_dw_bwd_input", "conv2d_dw_bwd_weight")
 # Per source stem: the template instantiations compiled (also by fastdl.nvrtc, in CPU CI).
 NAME_EXPRESSIONS = {
     stem: tuple(f"{kernel}<{CUDA_TYPES[precision]}>" for kernel in kernels for precision in precisions)
@@ -39,7 +41,9 @@ NAME_EXPRESSIONS = {
 # conv2d's matmuls in every precision; its split-reduction sum (float partials) per dtype only.
 NAME_EXPRESSIONS["conv2d"] = (tuple(f"{kernel}<{CUDA_TYPES[precision]}>" for kernel in CONV2D_KERNELS
                                     for precision in (*DTYPES, TF32))
-                              + tuple(f"conv2d_sum_splits<{CUDA_TYPES[dtype]}>" for dtype in DTYPES))
+                              + tuple(f"conv2d_sum_splits<{CUDA_TYPES[dtype]}>" for dtype in DTYPES)
+                              + tuple(f"{kernel}<{CUDA_TYPES[dtype]}>" for kernel in CONV2D_DW_KERNELS
+                                      for dtype in DTYPES))
 # batch_norm's four kernels per dtype; its split combines per accumulator type (float, double).
 BATCH_NORM_KERNELS = ("batch_norm_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
 BATCH_NORM_COMBINES = ("batch_norm_stats_combine", "batch_norm_backward_reduce_combine")
