@@ -42,6 +42,9 @@ CASES = {
     "4x4-same": (1, 8, 7, 6, 8, 4, 4, 1, "same", 1, 8, None),
     # C = 37: 16-wide channel blocks, the last with 5 channels (the masked remainder); silu
     "C37": (1, 37, 5, 6, 37, 3, 3, 1, 1, 1, 37, "silu"),
+    # one input channel, groups = 1 (C / groups == 1 as well): multiplier K_G = K = 5, 1-wide
+    # grad_input blocks; tanh
+    "C1-groups1": (2, 1, 6, 5, 5, 3, 3, 1, 1, 1, 1, "tanh"),
 }
 
 
@@ -67,7 +70,8 @@ def _check_routed(launched, sum_splits=False):
 
 @pytest.mark.parametrize("case", CASES)
 def test_fp32_channels_last(launched, case):
-    run_conv2d("triton", torch.float32, CASES[case], "channels_last")
+    # (C = 1: channels_last is contiguous's memory, and torch's output is contiguous then.)
+    run_conv2d("triton", torch.float32, CASES[case], "contiguous" if CASES[case][1] == 1 else "channels_last")
     _check_routed(launched)
 
 

@@ -29,6 +29,10 @@ the two 16-byte loads of the input.
                tile: BLOCK_T taps x BLOCK_P output pixels x BLOCK_C channels, reduced over pixels
 with g = grad_out * act'(.) computed in the prologue of every grad_out load, never stored.
 
+The launcher routes every convolution with C / groups == 1 here, so a single-channel input with
+groups = 1 (a grayscale stem) comes too, as multiplier K_G = K: the forward and grad_weight stay
+vectorized over the output channels, grad_input loops over the K_G outputs of its one channel.
+
 grad_input without zero insertion, as conv2d.py's: the input is split into sH*sW stride phases
 (h % sH, w % sW) and program_id(1) is the phase; tap r reaches output row p = i + (ph + pt - r*dH) / sH
 of input row h = ph + i*sH exactly when sH divides ph + pt - r*dH, the same for every pixel of the
@@ -47,7 +51,8 @@ Epilogue identical to the GEMM path's: bias and the activation on the accumulato
 leaky_relu write a 1-byte mask, gelu / gelu_tanh / silu the pre-activation (linear's SAVE codes).
 
 Offsets are int64 (pixel offsets times strides): activations of a large batch pass 2**31 elements.
-The flattened pixel index is int32 unless the launcher says the count may pass 2**31 (ROW64).
+The flattened pixel index is int32 unless the launcher says the count may pass 2**31 (ROW64; the
+count itself is the launcher's num_rows, an int64 argument then).
 """
 import triton
 import triton.language as tl
@@ -69,7 +74,7 @@ MIN_WEIGHT_PIXELS = 4  # pixels a step: fewer channels a program for 7x7 rather 
 # Sizes that only bound masks and index arithmetic are not specialized (one binary serves every
 # batch and image size), as in conv2d.py; channel counts, kernel sizes, strides and the tensors'
 # strides stay specialized (they decide the 16-byte alignment and fold unit strides).
-_GEOMETRY = ["N", "H", "W", "P", "Q", "pad_h", "pad_w", "dil_h", "dil_w"]
+_GEOMETRY = ["num_rows", "H", "W", "P", "Q", "pad_h", "pad_w", "dil_h", "dil_w"]
 
 
 def block_channels(C: int) -> int:
@@ -107,7 +112,7 @@ def _jit(fn):
 @_jit
 def _conv2d_depthwise_fwd(
     x_ptr, w_ptr, bias_ptr, out_ptr, saved_ptr,  # x (N, C, H, W), w (R*S, K), bias (K,), out/saved (N, K, P, Q)
-    N, H, W, K, P, Q, R, S,
+    num_rows, H, W, K, P, Q, R, S,  # num_rows = N * P * Q (the launcher's: int64 when it passes 2**31)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wt, stride_wk, stride_bias,
@@ -119,7 +124,7 @@ def _conv2d_depthwise_fwd(
     """Tile (BLOCK_P output pixels, BLOCK_C output channels); channel blocks vary fastest."""
     col_blocks = tl.cdiv(K, BLOCK_C)
     pid = tl.program_id(0)
-    m, m_ok = _rows(pid // col_blocks, N * P * Q, ROW64, BLOCK_P)
+    m, m_ok = _rows(pid // col_blocks, num_rows, ROW64, BLOCK_P)
     k = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     k_ok = k < K
     if K_G == 1:
@@ -166,7 +171,7 @@ def _conv2d_depthwise_fwd(
 @_jit
 def _conv2d_depthwise_bwd_input(
     grad_out_ptr, saved_ptr, w_ptr, grad_input_ptr,  # grad_out/saved (N, K, P, Q), w (R*S, K), grad_input (N, C, H, W)
-    N, H, W, C, P, Q, R, S,
+    num_rows, H, W, C, P, Q, R, S,  # num_rows = N * cdiv(H, sH) * cdiv(W, sW): pixels per stride phase
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_gn, stride_gk, stride_gp, stride_gq,
     stride_sn, stride_sk, stride_sp, stride_sq,
@@ -185,7 +190,7 @@ def _conv2d_depthwise_bwd_input(
     pw = phase % stride_w
     col_blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
-    m, m_ok = _rows(pid // col_blocks, N * rows_ph * cols_ph, ROW64, BLOCK_P)
+    m, m_ok = _rows(pid // col_blocks, num_rows, ROW64, BLOCK_P)
     c = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     j = m % cols_ph
@@ -235,7 +240,7 @@ def _conv2d_depthwise_bwd_weight(
     grad_out_ptr, saved_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,
     # grad_out/saved (N, K, P, Q), x (N, C, H, W); grad_weight (K, 1, R, S) and grad_bias (K,), or
     # with splits fp32 (fp64) partials (splits, K, 1, R, S) and (splits, K)
-    N, H, W, K, P, Q, R, S,
+    num_rows, H, W, K, P, Q, R, S,  # num_rows = N * P * Q
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_gn, stride_gk, stride_gp, stride_gq,
     stride_sn, stride_sk, stride_sp, stride_sq,
@@ -267,7 +272,7 @@ def _conv2d_depthwise_bwd_weight(
     x_chan = c.to(tl.int64) * stride_xc
     g_chan = k.to(tl.int64) * stride_gk
     s_chan = k.to(tl.int64) * stride_sk
-    M = N * P * Q
+    M = num_rows
     split = tl.program_id(1)
     blocks_per_split = tl.cdiv(tl.cdiv(M, BLOCK_P), tl.num_programs(1))
     if ROW64:
