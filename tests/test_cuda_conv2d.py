@@ -114,7 +114,7 @@ CASES = {
                                [F16, F64]),
     # dilation, a stride-2 view of every tensor, no bias
     "dilation 2": ((1, 8, 8, 7, 8, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1), "strided", "leaky_relu", [F16, F32]),
-    # depthwise (one channel per group) at stride 2: groups on the grid, 1-wide tiles
+    # depthwise (one channel per group) at stride 2: the direct kernels (conv2d_depthwise.cuh)
     "depthwise": ((2, 4, 6, 5, 4, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 4), "channels_last", "gelu_tanh", [BF16, F64]),
     # groups=4: 8 channels per group (one 16-byte fp16/bf16 chunk) at group offsets, flat reduction
     "groups=4": ((1, 32, 5, 5, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4), "channels_last", "sigmoid", [F16, F32]),

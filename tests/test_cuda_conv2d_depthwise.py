@@ -1,4 +1,4 @@
-"""kernels/cuda/conv2d.cu's direct depthwise kernels (conv2d_dw_*: one input channel per group)
+"""kernels/cuda/conv2d_depthwise.cuh's direct depthwise kernels (conv2d_dw_*: one input channel per group)
 against the float64 reference, on the CPU through the host emulation, and what NVRTC makes of them
 for sm_80 / sm_90.
 
@@ -139,6 +139,17 @@ def test_tf32_flag_keeps_the_float_kernels(emulated_backend):
     finally:
         torch.backends.cudnn.allow_tf32 = before
     assert cuda_emulation.launches == [("conv2d_dw_fwd", F32)]
+
+
+def test_the_header_is_inlined_once_where_conv2d_includes_it():
+    # NVRTC, CuPy and the emulation compile one text (fastdl.nvrtc.module_source): the kernels come
+    # from conv2d_depthwise.cuh, after everything of conv2d.cu they use.
+    from fastdl import nvrtc
+
+    text = nvrtc.module_source("conv2d")
+    assert '#include "conv2d_depthwise.cuh"' not in text and text.count('#line 1 "conv2d_depthwise.cuh"') == 1
+    assert text.index('#line 1 "conv2d_depthwise.cuh"') > text.index("void __launch_bounds__(THREADS) conv2d_sum_splits(")
+    assert "conv2d_dw_fwd(" not in nvrtc.read_source("conv2d")
 
 
 def test_grouped_convolutions_keep_the_gemm():

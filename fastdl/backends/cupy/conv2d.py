@@ -35,7 +35,7 @@ MAX_PIXELS = 2**31 - 2**16
 # and the depthwise kernels' channel tiles (fwd, bwd_input) or splits (bwd_weight).
 _MAX_GRID_Y = 65535
 # The depthwise kernels' block: DW_CHANNELS channels x dw_pixels(dtype) pixels, a thread owning 16
-# bytes of channels of one pixel (conv2d.cu's DW_CHANNELS and DwTile).
+# bytes of channels of one pixel (conv2d_depthwise.cuh's DW_CHANNELS and DwTile).
 DW_CHANNELS = 32
 
 
