@@ -29,8 +29,8 @@
 
 #define DW_CHANNELS 32
 #define DW_TAP_CHUNK 32
-// The weight gradient keeps DW_TAPS_PER_PASS taps' sums per thread in registers (a 3x3 filter in
-// one pass over the pixels; 72 floats a thread in fp16), and reads g once per pass.
+// The weight gradient sums DW_TAPS_PER_PASS taps per pass over the pixels (a 3x3 filter in one
+// pass), reading g and x once per pass; DwWeightGrad splits a pass's taps between threads.
 #define DW_TAPS_PER_PASS 9
 
 template <bool B> struct DwFlag { static constexpr bool value = B; };
@@ -364,28 +364,44 @@ __global__ void __launch_bounds__(THREADS) conv2d_dw_bwd_input(
                   dw_vector<T, VEC>(grad_input, is_c, is_n, is_h, is_w));
 }
 
-// The block's sum of every thread's v (VEC channels at its lane, over its pixel slot), per channel
-// of the block, in a fixed order: thread i < DW_CHANNELS returns channel i's. reduced holds
-// PIXELS x DW_CHANNELS, parts 2 x 8 x DW_CHANNELS accumulators (two buffers: consecutive calls
-// need only two barriers each).
+// The weight gradient's threads in GROUPS groups of SLOTS pixel slots: group j sums taps
+// [j TAPS, (j + 1) TAPS) of each pass, a thread TAPS x VEC sums in registers. 2-byte types split a
+// pass in two: 9 taps x 8 channels (72 floats) took ~156 registers, one 256-thread block per SM;
+// 5 x 8 fit two. Both groups load a pixel's g (the second load hits L1); x's taps are split, so
+// each pass still reads g and x once from memory.
 template <typename T>
+struct DwWeightGrad {
+    static constexpr int GROUPS = sizeof(T) == 2 ? 2 : 1;
+    static constexpr int TAPS = (DW_TAPS_PER_PASS + GROUPS - 1) / GROUPS;  // a thread's taps per pass
+    static constexpr int SLOTS = DwTile<T>::PIXELS / GROUPS;               // pixels a block steps
+    static_assert(DwTile<T>::PIXELS % GROUPS == 0 && (THREADS / DW_CHANNELS) % GROUPS == 0, "groups");
+};
+
+// The block's sums of every thread's v (VEC channels at its lane, over its pixel slot), per group of
+// SLOTS = PIXELS / GROUPS consecutive slots and channel, in a fixed order: thread i < GROUPS x
+// DW_CHANNELS returns group i / DW_CHANNELS's sum of channel i % DW_CHANNELS. reduced holds PIXELS x
+// DW_CHANNELS, parts 2 x 8 x DW_CHANNELS accumulators (two buffers: consecutive calls need only two
+// barriers each).
+template <typename T, int GROUPS>
 __device__ __forceinline__ typename Accumulator<T>::type dw_block_sum(
     const typename Accumulator<T>::type (&v)[DwTile<T>::VEC], int slot, int lane,
     typename Accumulator<T>::type* reduced, typename Accumulator<T>::type* parts, int buffer) {
     typedef typename Accumulator<T>::type Acc;
     typedef DwTile<T> D;
     constexpr int PARTS = THREADS / DW_CHANNELS;  // 8
+    constexpr int GROUP_PARTS = PARTS / GROUPS, SLOTS = D::PIXELS / GROUPS;
 #pragma unroll
     for (int i = 0; i < D::VEC; ++i) reduced[slot * DW_CHANNELS + lane * D::VEC + i] = v[i];
     __syncthreads();
     const int channel = threadIdx.x % DW_CHANNELS, part = threadIdx.x / DW_CHANNELS;
+    const int first = (part / GROUP_PARTS) * SLOTS;
     Acc sum = Acc(0);
-    for (int s = part; s < D::PIXELS; s += PARTS) sum += reduced[s * DW_CHANNELS + channel];
+    for (int s = part % GROUP_PARTS; s < SLOTS; s += GROUP_PARTS) sum += reduced[(first + s) * DW_CHANNELS + channel];
     parts[(buffer * PARTS + part) * DW_CHANNELS + channel] = sum;
     __syncthreads();
     sum = Acc(0);
-    if (threadIdx.x < DW_CHANNELS) {
-        for (int i = 0; i < PARTS; ++i) sum += parts[(buffer * PARTS + i) * DW_CHANNELS + threadIdx.x];
+    if (threadIdx.x < GROUPS * DW_CHANNELS) {
+        for (int i = 0; i < GROUP_PARTS; ++i) sum += parts[(buffer * PARTS + part * GROUP_PARTS + i) * DW_CHANNELS + channel];
     }
     return sum;
 }
@@ -400,8 +416,9 @@ struct DwReduceSmem {
 // grad_out / saved (N, K, P, Q), x (N, C, H, W) -> grad_weight (K, 1, R, S) and grad_bias (K,), or
 // float (double) partials (splits, K, R*S) in (r, s) order and (splits, K) for conv2d_sum_splits
 // (conv2d_bwd_weight's arguments, columns = R*S or 0 for the bias only). Grid: (channel tiles, splits).
+// Two blocks per SM (128 registers): without the bound ptxas picked 80 for float on sm_90 and spilled.
 template <typename T>
-__global__ void __launch_bounds__(THREADS) conv2d_dw_bwd_weight(
+__global__ void __launch_bounds__(THREADS, 2) conv2d_dw_bwd_weight(
     const T* __restrict__ grad_out, const void* __restrict__ saved, const T* __restrict__ x,
     T* __restrict__ grad_weight, T* __restrict__ grad_bias,
     typename Accumulator<T>::type* __restrict__ partial_weight, typename Accumulator<T>::type* __restrict__ partial_bias,
@@ -431,29 +448,35 @@ __global__ void __launch_bounds__(THREADS) conv2d_dw_bwd_weight(
     const bool g_vector = g.vector();
     const bool x_vector = Kg == 1 && dw_vector<T, VEC>(x, xs_c, xs_n, xs_h, xs_w);
     const bool partials = partial_weight != nullptr || partial_bias != nullptr;
-    const long long out_k = k0 + threadIdx.x;  // the channel this thread writes (threadIdx.x < DW_CHANNELS)
+    const long long out_k = k0 + threadIdx.x % DW_CHANNELS;  // the channel this thread writes (see below)
     const int taps = int(columns);
+    typedef DwWeightGrad<T> WG;
+    const int group = slot / WG::SLOTS, first_slot = slot - group * WG::SLOTS;
     int buffer = 0;
-    // One pass over the split's pixels per DW_TAPS_PER_PASS taps; the first also sums the bias.
-    for (int tap0 = 0; tap0 == 0 || tap0 < taps; tap0 += DW_TAPS_PER_PASS) {
+    // One pass over the split's pixels per GROUPS x TAPS taps; the first also sums the bias (in the
+    // last group, which has the fewest taps).
+    for (int tap0 = 0; tap0 == 0 || tap0 < taps; tap0 += WG::GROUPS * WG::TAPS) {
         const bool sums = has_bias && tap0 == 0;
-        Acc acc[DW_TAPS_PER_PASS][VEC] = {};
+        const bool bias_here = sums && group == WG::GROUPS - 1;
+        const int first = tap0 + group * WG::TAPS;  // this thread's first tap
+        Acc acc[WG::TAPS][VEC] = {};
         Acc bias_sum[VEC] = {};
-        const int r0 = tap0 / int(S), s0 = tap0 - r0 * int(S);
-        for (long long m = split * split_len + slot; count > 0 && m < m_end; m += D::PIXELS) {
+        const int r0 = first / int(S), s0 = first - r0 * int(S);
+        const bool busy = count > 0 && (first < taps || bias_here);
+        for (long long m = split * split_len + first_slot; busy && m < m_end; m += WG::SLOTS) {
             long long n, p, q;
             pixel(m, P, Q, n, p, q);
             Acc gv[VEC];
             g.load(n, k, 1, p, q, count, g_vector, gv);
-            if (sums) {
+            if (bias_here) {
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) bias_sum[i] += gv[i];
             }
             const long long x_n = n * xs_n;
             int r = r0, s = s0;
 #pragma unroll
-            for (int t = 0; t < DW_TAPS_PER_PASS; ++t) {
-                if (tap0 + t < taps) {
+            for (int t = 0; t < WG::TAPS; ++t) {
+                if (first + t < taps) {
                     const long long ih = p * stride_h - pad_top + r * dil_h, iw = q * stride_w - pad_left + s * dil_w;
                     if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
                         Acc xv[VEC];
@@ -468,21 +491,24 @@ __global__ void __launch_bounds__(THREADS) conv2d_dw_bwd_weight(
                 }
             }
         }
-        if (sums) {
-            const Acc total = dw_block_sum<T>(bias_sum, slot, lane, reduced, parts, buffer);
+        if (sums) {  // one group sums: the other's slots hold zeros
+            const Acc total = dw_block_sum<T, 1>(bias_sum, slot, lane, reduced, parts, buffer);
             buffer ^= 1;
             if (threadIdx.x < DW_CHANNELS && out_k < K) {
                 if (partials) partial_bias[split * K + out_k] = total;
                 else grad_bias[out_k] = from_acc<T>(total);
             }
         }
+        // Thread i < GROUPS x DW_CHANNELS writes channel k0 + i % DW_CHANNELS of group i / DW_CHANNELS's taps.
+        const int out_first = tap0 + int(threadIdx.x / DW_CHANNELS) * WG::TAPS;
 #pragma unroll
-        for (int t = 0; t < DW_TAPS_PER_PASS; ++t) {
-            if (tap0 + t < taps) {
-                const Acc total = dw_block_sum<T>(acc[t], slot, lane, reduced, parts, buffer);
+        for (int t = 0; t < WG::TAPS; ++t) {
+            if (tap0 + t < taps) {  // group 0's tap t exists (every call is made by the whole block)
+                const Acc total = dw_block_sum<T, WG::GROUPS>(acc[t], slot, lane, reduced, parts, buffer);
                 buffer ^= 1;
-                if (threadIdx.x < DW_CHANNELS && out_k < K) {
-                    const int tap = tap0 + t, r = tap / int(S), s = tap - r * int(S);
+                const int tap = out_first + t;
+                if (threadIdx.x < WG::GROUPS * DW_CHANNELS && out_k < K && tap < taps) {
+                    const int r = tap / int(S), s = tap - r * int(S);
                     if (partials) partial_weight[(split * K + out_k) * columns + tap] = total;
                     else grad_weight[out_k * ws_k + r * ws_r + s * ws_s] = from_acc<T>(total);
                 }
