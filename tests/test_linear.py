@@ -74,6 +74,75 @@ def test_triton_grad_weight_split_over_rows(monkeypatch, dtype, splits):
     run_linear("triton", dtype, (130, 100, 65), "gelu", noncontiguous=True)
 
 
+def _spy_tf32_operands(monkeypatch):
+    """Run fp32 as the TF32 path of sm_90 (under the interpreter TF32 dots compute in float32): the
+    K-major operand copies (TF32_K_MAJOR) and g.T fed from registers (REGISTER_A); returns what
+    k_major handed each kernel and each register_a answer."""
+    from fastdl.backends.triton import linear as triton_linear
+
+    monkeypatch.setattr(triton_linear, "TF32_K_MAJOR", True)
+    monkeypatch.setattr(triton_linear, "input_precision", lambda dtype: "tf32" if dtype == torch.float32 else "ieee")
+    seen = {"k_major": [], "register_a": []}
+    k_major, register_a = triton_linear.k_major, triton_linear.register_a
+    monkeypatch.setattr(triton_linear, "k_major", lambda t, p: seen["k_major"].append(k_major(t, p)) or
+                        seen["k_major"][-1])
+    monkeypatch.setattr(triton_linear, "register_a", lambda t, p: seen["register_a"].append(register_a(t, p)) or
+                        seen["register_a"][-1])
+    return seen
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_triton_tf32_backward_k_major_operands(monkeypatch, activation):
+    """sm_90's TF32 backward: x (grad_weight's B operand) and, with an activation, w (grad_input's)
+    are copied contiguous along their reduction, and g.T is fed from registers."""
+    seen = _spy_tf32_operands(monkeypatch)
+    M, K, N = 37, 29, 23
+    run_linear("triton", torch.float32, (M, K, N), activation, noncontiguous=True)
+    operands = seen["k_major"]
+    # grad_input's w (only with an activation: without one the kernel computes w.T @ g.T), then x.
+    assert [t.shape for t in operands] == ([(N, K)] if activation else []) + [(M, K)]
+    assert all(t.stride(0) == 1 and t.stride(1) == t.shape[0] for t in operands), [t.stride() for t in operands]
+    assert seen["register_a"] == [True]
+
+
+def test_triton_tf32_grad_weight_accumulate_k_major(monkeypatch):
+    """linear_cross_entropy's grad_weight (+)= g.T @ x on the same sm_90 TF32 path, both modes."""
+    from fastdl.backends.triton import linear as triton_linear
+
+    seen = _spy_tf32_operands(monkeypatch)
+    M, K, N = 70, 37, 45
+    g, x = make_tensor((M, N), torch.float32, seed=1), make_tensor((M, K), torch.float32, seed=2, noncontiguous=True)
+    start_w, start_b = make_tensor((N, K), torch.float32, seed=3), make_tensor((N,), torch.float32, seed=4)
+    expected_w = g.double().T @ x.double()
+    expected_b = g.double().sum(0)
+    for accumulate in (False, True):
+        w, b = start_w.clone(), start_b.clone()
+        triton_linear.linear_grad_weight_accumulate(g, x, w, b, accumulate=accumulate)
+        assert_close(w, expected_w + (start_w.double() if accumulate else 0), torch.float32, False, "grad_weight")
+        assert_close(b, expected_b + (start_b.double() if accumulate else 0), torch.float32, False, "grad_bias")
+    assert all(t.stride() == (1, M) for t in seen["k_major"]) and len(seen["k_major"]) == 2
+    assert seen["register_a"] == [True, True]
+
+
+def test_k_major_copies_only_tf32_on_sm90(monkeypatch):
+    """TF32_K_MAJOR=None (the default): a copy for TF32 launches compiled for Hopper only."""
+    from fastdl.backends.triton import linear as triton_linear
+    from fastdl.kernels.triton import target
+
+    x = make_tensor((64, 48), torch.float32)
+    assert triton_linear.TF32_K_MAJOR is None
+    for capability, precision, copied in (((9, 0), "tf32", True), ((9, 0), "ieee", False), ((8, 0), "tf32", False),
+                                          ((10, 0), "tf32", False), (None, "tf32", False)):
+        with target.compiling_for(capability):
+            out = triton_linear.k_major(x, precision)
+        assert (out is not x) == copied, (capability, precision)
+        if copied:
+            assert out.stride() == (1, 64) and torch.equal(out, x)
+    already = x.t().contiguous().t()
+    with target.compiling_for((9, 0)):
+        assert triton_linear.k_major(already, "tf32") is already
+
+
 @pytest.mark.parametrize("activation", [None, "leaky_relu", "silu"])
 def test_triton_without_bias(activation):
     run_linear("triton", torch.float32, (37, 29, 23), activation, has_bias=False)

@@ -81,8 +81,10 @@ _BWD_WEIGHT = {
     # 128x128x64 spills 8 B (fp16 gelu), 128x256x64 184 B, 64x64x64 16 B.
     "fp16/bf16 heavy": ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                         (64, 64, 32, 8, 3), (128, 256, 32, 8, 3)),
-    "tf32": _TF32 + ((128, 256, 32, 8, 3),),
-    "tf32 heavy": _TF32,
+    # With g.T fed to wgmma from registers (REGISTER_A, sm_90): 128x256x32 spills 32 B (leaky_relu),
+    # 128x128x64 24 B (gelu).
+    "tf32": _TF32,
+    "tf32 heavy": without(_TF32, (128, 128, 64, 8, 2)),
     "fp32": ((64, 64, 32, 4, 3), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 8, 3)),
     "fp64": _FP64,
     "fp64 heavy": without(_FP64_HEAVY_BWD, (64, 32, 16, 8, 3)),  # 56 B with gelu
@@ -131,9 +133,9 @@ SM80_SPILLS = {
     ("linear_bwd_weight", "fp16/bf16 heavy"): {(64, 64, 32, 4, 3): 8, (64, 64, 32, 8, 3): 16, (64, 128, 32, 4, 4): 96,
                                                (128, 64, 32, 4, 4): 592, (128, 128, 32, 8, 3): 120,
                                                (128, 256, 32, 8, 3): 432},
-    ("linear_bwd_weight", "tf32"): {(128, 128, 64, 8, 2): 32, (128, 256, 32, 8, 3): 272},
+    ("linear_bwd_weight", "tf32"): {(128, 128, 64, 8, 2): 32},
     ("linear_bwd_weight", "tf32 heavy"): {(64, 64, 64, 4, 3): 80, (64, 128, 32, 4, 4): 48, (128, 64, 32, 4, 4): 256,
-                                          (128, 128, 32, 8, 3): 56, (128, 128, 64, 8, 2): 1056},
+                                          (128, 128, 32, 8, 3): 56},
     ("linear_bwd_weight", "fp32"): {(64, 64, 32, 8, 3): 8, (64, 64, 64, 4, 4): 384},
     ("linear_bwd_weight", "fp64 heavy"): {(32, 32, 16, 8, 3): 16},
 }
@@ -234,6 +236,23 @@ def _activation_grad(grad, saved, negative_slope, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 7:
         g = grad * (1.0 - saved * saved)
     return g
+
+
+@triton.jit
+def _from_registers(a, REGISTER_A: tl.constexpr):
+    """A dot's A operand, fed to Hopper's wgmma from registers where REGISTER_A.
+
+    wgmma reads a 32-bit (TF32) operand from shared memory only K-major; g.T in the weight gradients
+    is contiguous along the output dimension, so Triton 3.9 would copy it into shared memory
+    transposed, 4 bytes per cp.async. From registers any layout will do and the loads stay 16 bytes
+    wide. "+ 0.0" (not folded away: it turns -0.0 into +0.0, which no sum can tell apart) is what
+    makes Triton feed the operand from registers. The launchers set REGISTER_A for TF32 products
+    whose B operand is K-major (see k_major in fastdl/backends/triton/linear.py); elsewhere (sm_80's
+    mma.sync, 2-byte operands) the operand is taken as it is: on sm_80 the extra registers spill.
+    """
+    if REGISTER_A:
+        return a + 0.0
+    return a
 
 
 @triton.jit
@@ -355,7 +374,7 @@ def _linear_bwd_input(
                  mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@_autotune("linear_bwd_weight", key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "INPUT_PRECISION"])
+@_autotune("linear_bwd_weight", key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "INPUT_PRECISION", "REGISTER_A"])
 @triton.jit
 def _linear_bwd_weight(
     grad_out_ptr, saved_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,  # grad_out/saved (M, N), x (M, K)
@@ -364,7 +383,7 @@ def _linear_bwd_weight(
     stride_wsplit, stride_wn, stride_wk, stride_bsplit,
     negative_slope,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, REGISTER_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """grad_weight (and grad_bias) over the rows of split program_id(1).
@@ -399,7 +418,7 @@ def _linear_bwd_weight(
         if HAS_BIAS:
             bias_acc += tl.sum(grad, axis=1)
         x = tl.load(x_ptrs, mask=(offs_m[:, None] - m_start < m_left) & (offs_k[None, :] < K), other=0.0)
-        acc = tl.dot(grad.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(_from_registers(grad.to(x.dtype), REGISTER_A), x, acc, input_precision=INPUT_PRECISION)
         g_ptrs += BLOCK_M * stride_gm
         s_ptrs += BLOCK_M * stride_sm
         x_ptrs += BLOCK_M * stride_xm
@@ -414,7 +433,7 @@ def _linear_bwd_weight(
 
 
 # Autotuning trial runs would each add into grad_weight; restore_value resets it between trials.
-@_autotune("linear_grad_weight_accumulate", key=["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
+@_autotune("linear_grad_weight_accumulate", key=["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION", "REGISTER_A"],
            restore_value=["grad_weight_ptr", "grad_bias_ptr"])
 @triton.jit
 def _linear_grad_weight_accumulate(
@@ -422,7 +441,7 @@ def _linear_grad_weight_accumulate(
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    REGISTER_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """grad_weight += grad_out.T @ x and grad_bias += grad_out.sum(0), in place (ACCUMULATE=False: =
     instead of +=, so the first chunk neither reads the accumulator nor needs it zero-filled).
@@ -446,7 +465,7 @@ def _linear_grad_weight_accumulate(
         if HAS_BIAS:
             bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < m_left) & (offs_k[None, :] < K), other=0.0)
-        acc = tl.dot(grad.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(_from_registers(grad.to(x.dtype), REGISTER_A), x, acc, input_precision=INPUT_PRECISION)
         g_ptrs += BLOCK_M * stride_gm
         x_ptrs += BLOCK_M * stride_xm
     w_ptrs = grad_weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk

@@ -9,6 +9,7 @@ from fastdl.backends.common import ACTIVATION_CODES, SAVE_KIND, linear_backward_
 from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, wrap_triton
 from fastdl.backends.triton._launch import interpreter_bf16
 from fastdl.kernels.triton import linear as _k
+from fastdl.kernels.triton import target
 from fastdl.reference.dropout import threshold
 
 
@@ -56,10 +57,12 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
                 grad_input.zero_()
             else:
                 grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+                # With an activation g is computed in registers, the A operand; w is B (see k_major).
+                w = k_major(weight, precision) if code != 0 else weight
                 wrap_triton(_k._linear_bwd_input)[grid](
-                    grad_out, s, weight, grad_input, M, N, K,
+                    grad_out, s, w, grad_input, M, N, K,
                     grad_out.stride(0), grad_out.stride(1), s.stride(0), s.stride(1),
-                    weight.stride(0), weight.stride(1), grad_input.stride(0), grad_input.stride(1),
+                    w.stride(0), w.stride(1), grad_input.stride(0), grad_input.stride(1),
                     float(negative_slope),
                     ACTIVATION=code, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
                 )
@@ -75,6 +78,40 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
         if not needs_weight_grad:
             grad_weight = None
     return grad_input, grad_weight, grad_bias
+
+
+# Hopper's wgmma reads a 32-bit (TF32) operand from shared memory only K-major (contiguous along the
+# reduction), and only its A operand may come from registers instead. The B operand of grad_weight =
+# g.T @ x is x, reduced over M but contiguous along K, and that of grad_input = g @ w with an
+# activation (g computed in registers) is w, reduced over N but contiguous along K: Triton copies
+# such an operand into shared memory transposed, 4 bytes per cp.async (against 16 for every other
+# operand), and every copy of a tile writes 32 rows of the swizzled shared tile at a time. A K-major
+# copy of the operand, made once per call (one read and one write of it: x.numel() * 8 bytes in TF32,
+# against 2 * M * N * K flops, ~333 / N of the product's time on an H200 at 4.8 TB/s and ~400 TFLOP/s),
+# lets every copy be 16 bytes wide (`fastdl inspect --arch sm_90`: test_inspection's
+# test_tf32_backward_copies_16_bytes). sm_80's mma.sync reads either layout from shared memory, so
+# its copies are 16 bytes wide as they are. Which is faster at a given shape is a GPU measurement:
+# `fastdl bench --op linear` times the TF32 backward both ways ("tf32 k-major copy off").
+# None: on TF32 launches for compute capability 9.x (Hopper's wgmma); True / False: always / never.
+TF32_K_MAJOR = None
+
+
+def k_major(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """t (R, C), reduced over R as a matmul's B operand: a copy contiguous along R (strides (1, R))
+    where TF32_K_MAJOR asks for it, else t itself. The kernels read any strides."""
+    wanted = TF32_K_MAJOR
+    if wanted is None:
+        capability = target.capability(t)
+        wanted = precision == "tf32" and capability is not None and capability[0] == 9
+    if not wanted or t.stride(0) == 1 or t.numel() == 0:
+        return t
+    return t.t().contiguous().t()
+
+
+def register_a(b: torch.Tensor, precision: str) -> bool:
+    """Whether the weight gradients feed g.T, their A operand, from registers (the kernels'
+    _from_registers): in TF32 products whose B operand is K-major, so both are copied 16 bytes wide."""
+    return precision == "tf32" and b.stride(0) == 1 and b.shape[0] > 1
 
 
 # Split the rows of grad_weight = g.T @ x over this many programs per (N, K) tile; None: by shape.
@@ -109,6 +146,7 @@ def _grad_weight(grad_out, s, input, grad_weight, grad_bias, code, negative_slop
         weight_out, bias_out = grad_weight, grad_bias if grad_bias is not None else grad_weight
         w_strides = (0,) + grad_weight.stride()
         b_split = 0
+    input = k_major(input, precision)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])), splits)
     wrap_triton(_k._linear_bwd_weight)[grid](
         grad_out, s, input, weight_out, bias_out,
@@ -117,6 +155,7 @@ def _grad_weight(grad_out, s, input, grad_weight, grad_bias, code, negative_slop
         w_strides[0], w_strides[1], w_strides[2], b_split,
         float(negative_slope),
         HAS_BIAS=grad_bias is not None, ACTIVATION=code, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+        REGISTER_A=register_a(input, precision),
     )
     if splits > 1:
         for partial, out in ((weight_out, grad_weight), (bias_out, grad_bias)):
@@ -143,6 +182,8 @@ def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accum
             if grad_bias is not None:
                 grad_bias.zero_()
         return
+    precision = input_precision(input.dtype)
+    input = k_major(input, precision)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * max(1, triton.cdiv(K, meta["BLOCK_K"])),)
     wrap_triton(_k._linear_grad_weight_accumulate)[grid](
         grad_out, input, grad_weight, grad_bias if grad_bias is not None else grad_weight,
@@ -150,5 +191,5 @@ def linear_grad_weight_accumulate(grad_out, input, grad_weight, grad_bias, accum
         grad_out.stride(0), grad_out.stride(1), input.stride(0), input.stride(1),
         grad_weight.stride(0), grad_weight.stride(1),
         HAS_BIAS=grad_bias is not None, ACCUMULATE=bool(accumulate), ACC_DTYPE=ACC_DTYPE[input.dtype],
-        INPUT_PRECISION=input_precision(input.dtype),
+        INPUT_PRECISION=precision, REGISTER_A=register_a(input, precision),
     )
