@@ -6,6 +6,9 @@ Layouts: the output (and the saved mask or pre-activation) is channels_last when
 torch's suggest_memory_format, and contiguous otherwise, as torch's convolutions keep the input's
 memory format; grad_input follows the input and grad_weight the weight in the same way. The kernels
 themselves read and write channels_last only (see _nhwc).
+
+Depthwise convolutions (C / groups == 1) take the direct stencil kernels of
+kernels/triton/conv2d_depthwise.py instead of the implicit GEMM (the _depthwise_* helpers below).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from fastdl.backends.common import ACTIVATION_CODES, SAVE_KIND, SAVE_MASK, SAVE_
 from fastdl.backends.triton import _launch
 from fastdl.backends.triton._launch import ACC_DTYPE, interpreter_bf16, wrap_triton
 from fastdl.kernels.triton import conv2d as _k
+from fastdl.kernels.triton import conv2d_depthwise as _dw
+
+INT32_MAX = 2**31 - 1
 
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -83,18 +89,21 @@ def conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, activatio
         fmt = memory_format(input)
         return out.contiguous(memory_format=fmt), saved.contiguous(memory_format=fmt) if saved.numel() else saved
     save_ptr = saved if saved.numel() else out
-    x, w = _nhwc(input), _nhwc(weight)
-    grid = lambda meta: (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K_g, meta["BLOCK_N"]), groups)
-    wrap_triton(_k._conv2d_fwd)[grid](
-        x, w, bias if bias is not None else out, out, save_ptr,
-        N, C_g, H, W, K_g, P, Q, R, S,
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *x.stride(), *w.stride(), bias.stride(0) if bias is not None else 0,
-        *out.stride(),
-        float(negative_slope),
-        HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code], FEW_CHANNELS=_few_channels(C_g),
-        ACC_DTYPE=ACC_DTYPE[input.dtype], INPUT_PRECISION=input_precision(input),
-    )
+    if C_g == 1:  # depthwise: one input channel per group
+        _depthwise_fwd(_nhwc(input), weight, bias, out, save_ptr, stride, padding, dilation, code, negative_slope)
+    else:
+        x, w = _nhwc(input), _nhwc(weight)
+        grid = lambda meta: (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K_g, meta["BLOCK_N"]), groups)
+        wrap_triton(_k._conv2d_fwd)[grid](
+            x, w, bias if bias is not None else out, out, save_ptr,
+            N, C_g, H, W, K_g, P, Q, R, S,
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            *x.stride(), *w.stride(), bias.stride(0) if bias is not None else 0,
+            *out.stride(),
+            float(negative_slope),
+            HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code], FEW_CHANNELS=_few_channels(C_g),
+            ACC_DTYPE=ACC_DTYPE[input.dtype], INPUT_PRECISION=input_precision(input),
+        )
     fmt = memory_format(input)
     return out.contiguous(memory_format=fmt), saved.contiguous(memory_format=fmt) if saved.numel() else saved
 
@@ -140,7 +149,9 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
         rows, cols = triton.cdiv(H, stride[0]), triton.cdiv(W, stride[1])
         grid = lambda meta: (triton.cdiv(N * rows * cols, meta["BLOCK_M"]) * triton.cdiv(C_g, meta["BLOCK_K"]),
                              groups * stride[0] * stride[1])
-        if grad_input.numel():
+        if grad_input.numel() and C_g == 1:
+            _depthwise_bwd_input(grad_out, s, w, grad_input, stride, padding, dilation, code, negative_slope)
+        elif grad_input.numel():
             wrap_triton(_k._conv2d_bwd_input)[grid](
                 grad_out, s, w, grad_input, *geometry,
                 *grad_out.stride(), *s.stride(), *w.stride(),
@@ -153,8 +164,12 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
         grad_weight = torch.empty(weight.shape, device=input.device, dtype=weight.dtype,
                                   memory_format=torch.channels_last)
         grad_bias = torch.empty((K,), device=input.device, dtype=weight.dtype) if needs_bias_grad else None
-        _grad_weight(grad_out, s, x, grad_weight, grad_bias, geometry, groups, code, negative_slope,
-                     acc_dtype, precision)
+        if C_g == 1:
+            _depthwise_bwd_weight(grad_out, s, x, grad_weight, grad_bias, stride, padding, dilation, code,
+                                  negative_slope)
+        else:
+            _grad_weight(grad_out, s, x, grad_weight, grad_bias, geometry, groups, code, negative_slope,
+                         acc_dtype, precision)
         grad_weight = grad_weight.contiguous(memory_format=memory_format(weight)) if needs_weight_grad else None
     return grad_input, grad_weight, grad_bias
 
@@ -192,8 +207,116 @@ def _grad_weight(grad_out, s, input, grad_weight, grad_bias, geometry, groups, c
     )
     if splits > 1:
         for partial, result in ((weight_out, grad_weight), (bias_out, grad_bias)):
-            if result is None or result.numel() == 0:
-                continue
-            block = 1024
-            wrap_triton(_k._sum_splits)[(triton.cdiv(result.numel(), block),)](
-                partial, result, result.numel(), SPLITS=splits, BLOCK=block)
+            if result is not None and result.numel():
+                _sum_splits(partial, result, splits)
+
+
+def _sum_splits(partial, result, splits):
+    """result = partial.sum(0) in a fixed order; partial (splits,) + result's shape, in its layout."""
+    block = 1024
+    wrap_triton(_k._sum_splits)[(triton.cdiv(result.numel(), block),)](
+        partial, result, result.numel(), SPLITS=splits, BLOCK=block)
+
+
+# --- depthwise (C / groups == 1): kernels/triton/conv2d_depthwise.py, FMA stencils on channel tiles ----
+
+def _taps(weight):
+    """The depthwise weight (K, 1, R, S) as (R*S, K), channels contiguous: each tap's weights are
+    one 16-byte load per thread in the kernels (a copy of K*R*S elements)."""
+    K, _, R, S = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(R * S, K).contiguous()
+
+
+def _depthwise_fwd(x, weight, bias, out, save_ptr, stride, padding, dilation, code, negative_slope):
+    """out (and saved) = the depthwise forward of x (channels_last) with weight (K, 1, R, S)."""
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    w = _taps(weight)
+    _, _, P, Q = out.shape
+    block_p, block_c = _dw.blocks(K)
+    rows = N * P * Q
+    grid = (triton.cdiv(rows, block_p) * triton.cdiv(K, block_c),)
+    wrap_triton(_dw._conv2d_depthwise_fwd)[grid](
+        x, w, bias if bias is not None else out, out, save_ptr,
+        rows, H, W, K, P, Q, R, S,
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *x.stride(), *w.stride(), bias.stride(0) if bias is not None else 0,
+        *out.stride(),
+        float(negative_slope),
+        K_G=K // C, HAS_BIAS=bias is not None, ACTIVATION=code, SAVE=SAVE_KIND[code], ACC_DTYPE=ACC_DTYPE[x.dtype],
+        ROW64=rows + block_p > INT32_MAX, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_dw.NUM_WARPS,
+    )
+
+
+def _depthwise_bwd_input(grad_out, s, weight, grad_input, stride, padding, dilation, code, negative_slope):
+    """grad_input (channels_last) of the depthwise conv: a gather over the taps that reach each pixel,
+    one stride phase per program_id(1); act' applied to grad_out as it is loaded (s: what it reads)."""
+    N, C, H, W = grad_input.shape
+    K, _, R, S = weight.shape
+    _, _, P, Q = grad_out.shape
+    w = _taps(weight)
+    block_p, block_c = _dw.blocks(C)
+    rows = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
+    grid = (triton.cdiv(rows, block_p) * triton.cdiv(C, block_c), stride[0] * stride[1])
+    wrap_triton(_dw._conv2d_depthwise_bwd_input)[grid](
+        grad_out, s, w, grad_input,
+        rows, H, W, C, P, Q, R, S, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *grad_out.stride(), *s.stride(), *w.stride(),
+        *grad_input.stride(),
+        float(negative_slope),
+        K_G=K // C, ACTIVATION=code, ACC_DTYPE=ACC_DTYPE[grad_input.dtype], ROW64=rows + block_p > INT32_MAX,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_dw.NUM_WARPS,
+    )
+
+
+def _depthwise_weight_splits(M: int, programs: int, device) -> int:
+    """Splits of the N*P*Q pixels of the depthwise grad_weight: enough programs for two waves at 4
+    blocks per SM (a memory-bound reduction wants many warps in flight), each still summing >= 128
+    pixels; at most 256 (the fp32 partials are splits x K*R*S, next to N*P*Q*K elements read)."""
+    if GRAD_WEIGHT_SPLITS is not None:
+        return GRAD_WEIGHT_SPLITS
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= 8 * sms:
+        return 1
+    return max(1, min(triton.cdiv(8 * sms, programs), M // 128, 256))
+
+
+def _depthwise_bwd_weight(grad_out, s, x, grad_weight, grad_bias, stride, padding, dilation, code, negative_slope):
+    """grad_weight (K, 1, R, S), in its own layout, and grad_bias (K,) (None: not wanted) of the
+    depthwise conv of x (channels_last): one pass over grad_out and x per tap block, the pixels split
+    over programs when the channels alone cannot fill the GPU."""
+    N, C, H, W = x.shape
+    K, _, R, S = grad_weight.shape
+    _, _, P, Q = grad_out.shape
+    block_t, block_p, block_c = _dw.weight_blocks(K, R * S, x.element_size())
+    rows = N * P * Q
+    programs = triton.cdiv(K, block_c) * triton.cdiv(R * S, block_t)
+    splits = _depthwise_weight_splits(rows, programs, x.device)
+    if splits > 1:
+        # fp32 (fp64) partial sums per split, in grad_weight's own layout, reduced in a fixed order.
+        work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        numel = grad_weight.numel()
+        weight_out = torch.empty_strided((splits,) + tuple(grad_weight.shape), (numel,) + grad_weight.stride(),
+                                         device=x.device, dtype=work_dtype)
+        bias_out = torch.empty((splits, K), device=x.device, dtype=work_dtype)
+        w_split, b_split = numel, K
+    else:
+        weight_out = grad_weight
+        bias_out = grad_bias if grad_bias is not None else grad_weight
+        w_split = b_split = 0
+    wrap_triton(_dw._conv2d_depthwise_bwd_weight)[(programs, splits)](
+        grad_out, s, x, weight_out, bias_out,
+        rows, H, W, K, P, Q, R, S, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *grad_out.stride(), *s.stride(), *x.stride(),
+        w_split, grad_weight.stride(0), grad_weight.stride(2), grad_weight.stride(3), b_split,
+        float(negative_slope),
+        K_G=K // C, HAS_BIAS=grad_bias is not None, ACTIVATION=code, ACC_DTYPE=ACC_DTYPE[x.dtype],
+        ROW64=rows + block_p * splits > INT32_MAX, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=_dw.NUM_WARPS,
+    )
+    if splits > 1:
+        for partial, result in ((weight_out, grad_weight), (bias_out, grad_bias)):
+            if result is not None and result.numel():
+                _sum_splits(partial, result, splits)
