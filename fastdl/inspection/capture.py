@@ -63,6 +63,7 @@ class Variant:
     args: tuple
     kwargs: dict
     cases: list[tuple[str, list[tuple[int, ...]]]] = field(default_factory=list)  # (case, grid per config of all_configs)
+    arch: str | None = None  # the target its launches were captured for (None: any)
 
     def configs(self, arch: str | None = None) -> list:
         """The configs the autotuner can pick for this variant's launches on `arch` (its
@@ -155,15 +156,19 @@ def _gpu_sized_splits(sms: int = H100_SMS):
 
     original = launcher._grad_weight_splits
     conv_original = conv_launcher._grad_weight_splits
+    depthwise_original = conv_launcher._depthwise_weight_splits
     props = torch.cuda.get_device_properties
     launcher._grad_weight_splits = lambda M, N, K, device: original(M, N, K, torch.device("cuda"))
     conv_launcher._grad_weight_splits = lambda M, tiles, device: conv_original(M, tiles, torch.device("cuda"))
+    conv_launcher._depthwise_weight_splits = lambda M, programs, device: depthwise_original(M, programs,
+                                                                                           torch.device("cuda"))
     torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(multi_processor_count=sms)
     try:
         yield
     finally:
         launcher._grad_weight_splits = original
         conv_launcher._grad_weight_splits = conv_original
+        conv_launcher._depthwise_weight_splits = depthwise_original
         torch.cuda.get_device_properties = props
 
 
@@ -299,15 +304,29 @@ CONV2D_LAYERS = (
 )
 
 
-def _conv2d(input_shape, weight_shape, stride, padding, dtype, channels_last, activation):
+def _conv2d(input_shape, weight_shape, stride, padding, dtype, channels_last, activation, groups=1):
     from fastdl import ops
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(input_shape, dtype=dtype, memory_format=fmt).requires_grad_()
     w = torch.empty(weight_shape, dtype=dtype, memory_format=fmt).requires_grad_()
     b = _empty(weight_shape[0], dtype=dtype, requires_grad=True)
-    out, _ = ops.get("conv2d", "triton")(x, w, b, [stride] * 2, [padding] * 4, [1, 1], 1, activation or "none", 0.01)
+    out, _ = ops.get("conv2d", "triton")(x, w, b, [stride] * 2, [padding] * 4, [1, 1], groups, activation or "none",
+                                         0.01)
     torch.autograd.grad(out, [x, w, b], torch.empty(out.shape, dtype=dtype, memory_format=fmt))
+
+
+# Depthwise convolutions at batch 32: (label, input (N, C, H, W), kernel, stride, padding). MobileNetV2's
+# 3x3: stage 2's first block (96 channels, 112x112, stride 2), its second (144 at 56x56) and stage 3's
+# first (144, stride 2); EfficientNet-B0's 5x5 (240 at 28x28) and ConvNeXt-T's 7x7 (96 at 56x56): the
+# bigger grad_weight tap blocks (32 and 64 taps).
+CONV2D_DEPTHWISE_LAYERS = (
+    ("3x3/2 96x112x112", (32, 96, 112, 112), 3, 2, 1),
+    ("3x3 144x56x56", (32, 144, 56, 56), 3, 1, 1),
+    ("3x3/2 144x56x56", (32, 144, 56, 56), 3, 2, 1),
+    ("5x5 240x28x28", (32, 240, 28, 28), 5, 1, 2),
+    ("7x7 96x56x56", (32, 96, 56, 56), 7, 1, 3),
+)
 
 
 def _conv2d_cases() -> list:
@@ -327,6 +346,20 @@ def _conv2d_cases() -> list:
                 out.append(("conv2d", f"conv2d {name} {layout} {activation or 'none'} {label}", tf32,
                             lambda x=x_shape, w=w_shape, s=stride, p=padding, d=dtype, c=channels_last,
                             a=activation: _conv2d(x, w, s, p, d, c, a)))
+    # Depthwise (kernels/triton/conv2d_depthwise.py): MobileNetV2's 3x3 layers in bf16 channels_last
+    # with relu, the stride-1 one also NCHW, with gelu (fp16), and in fp32 and fp64; the 5x5 with silu
+    # (EfficientNet's) and the 7x7 without an activation (ConvNeXt's) in bf16.
+    layers = CONV2D_DEPTHWISE_LAYERS
+    runs = [("bf16", True, "relu", layer) for layer in layers[:3]]
+    runs += [(name, channels_last, activation, layers[1]) for name, channels_last, activation in
+             (("bf16", False, "relu"), ("fp16", True, "gelu"), ("fp32", True, "relu"), ("fp64", True, "relu"))]
+    runs += [("bf16", True, "silu", layers[3]), ("bf16", True, None, layers[4])]
+    dtypes = {name: dtype for name, dtype, _ in PRECISIONS}
+    for name, channels_last, activation, (label, shape, kernel, stride, padding) in runs:
+        out.append(("conv2d", f"conv2d depthwise {name} {'channels_last' if channels_last else 'NCHW'} "
+                    f"{activation or 'none'} {label}", False,
+                    lambda x=shape, k=kernel, s=stride, p=padding, d=dtypes[name], c=channels_last, a=activation:
+                    _conv2d(x, (x[1], 1, k, k), s, p, d, c, a, groups=x[1])))
     return out
 
 
@@ -384,11 +417,13 @@ def cases() -> list[tuple[str, str, object]]:
     return out
 
 
-def capture(ops: list[str] | None = None, only: list[str] | None = None) -> list[Launch]:
+def capture(ops: list[str] | None = None, only: list[str] | None = None, arch: str | None = None) -> list[Launch]:
     """Every launch of every case (of `ops`, default all; with `only`, the cases whose label starts
-    with one of those strings), in order."""
+    with one of those strings), in order, as the launchers make them for a GPU of `arch` (what
+    they choose by the target: linear's K-major TF32 operands on sm_90)."""
     from fastdl import backends
     from fastdl.backends.triton import _launch
+    from fastdl.kernels.triton import target
 
     if backends.triton_interpreting():
         raise RuntimeError("fastdl.inspection.capture needs triton imported with TRITON_INTERPRET=0 "
@@ -401,7 +436,7 @@ def capture(ops: list[str] | None = None, only: list[str] | None = None) -> list
     conv_tf32_before = torch.backends.cudnn.allow_tf32  # conv2d's TF32 switch, as torch's convolutions'
     _launch.launch_interceptor = interceptor
     try:
-        with _gpu_sized_splits():
+        with _gpu_sized_splits(), target.compiling_for(ARCH_CAPABILITY.get(arch)):
             for op, label, tf32, run in cases():
                 if (ops and op not in ops) or (only and not label.startswith(tuple(only))):
                     continue
@@ -416,9 +451,10 @@ def capture(ops: list[str] | None = None, only: list[str] | None = None) -> list
     return interceptor.launches
 
 
-def variants(launches: list[Launch], backend) -> list[Variant]:
+def variants(launches: list[Launch], backend, arch: str | None = None) -> list[Variant]:
     """Launches grouped by the specialization triton's runtime computes for them on `backend` (its
-    own binder: pointer alignment, divisibility by 16, ints equal to 1, i32 or i64)."""
+    own binder: pointer alignment, divisibility by 16, ints equal to 1, i32 or i64); `arch`: the
+    target they were captured for (capture's)."""
     from triton.runtime.jit import create_function_from_signature
 
     binders, found = {}, {}
@@ -432,6 +468,7 @@ def variants(launches: list[Launch], backend) -> list[Variant]:
         key = (id(launch.kernel), repr(specialization), repr(sorted(options.items())))
         variant = found.get(key)
         if variant is None:
-            variant = found[key] = Variant(kernel_name(launch.kernel), launch.kernel, launch.args, launch.kwargs)
+            variant = found[key] = Variant(kernel_name(launch.kernel), launch.kernel, launch.args, launch.kwargs,
+                                           arch=arch)
         variant.cases.append((launch.case, launch.grids))
     return list(found.values())

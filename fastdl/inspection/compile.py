@@ -22,10 +22,11 @@ MATMUL_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear
                   "conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight")
 MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits", "max_pool2d_fwd", "max_pool2d_bwd",
                         "dropout", "batch_norm_elemt", "batch_norm_backward_elemt", "batch_norm_stats",
-                        "batch_norm_backward_reduce")
+                        "batch_norm_backward_reduce", "conv2d_depthwise_fwd", "conv2d_depthwise_bwd_input",
+                        "conv2d_depthwise_bwd_weight")
 # Memory-bound reductions whose only stores are per-channel sums or partials: 128-bit loads expected,
 # no 128-bit stores (there is nothing 16 bytes wide to store).
-REDUCTION_KERNELS = ("batch_norm_stats", "batch_norm_backward_reduce")
+REDUCTION_KERNELS = ("batch_norm_stats", "batch_norm_backward_reduce", "conv2d_depthwise_bwd_weight")
 
 _VARIANTS: list = []  # set before the worker pool forks: tasks name variants by index
 
@@ -98,7 +99,7 @@ def sampled_variants(variants, arch: str) -> dict:
     groups = {}
     for index, variant in enumerate(variants):
         # (`is None`: triton.Config's __eq__ cannot compare with None.)
-        if variant.name not in MATMUL_KERNELS or variant.configs(arch)[0] is None:
+        if variant.arch != arch or variant.name not in MATMUL_KERNELS or variant.configs(arch)[0] is None:
             continue
         named = dict(zip(variant.jit_function.arg_names, variant.args))
         key = (variant.name, _config_lists(variant.name).config_list_name(variant.name, named, variant.kwargs))
@@ -221,12 +222,16 @@ def run(archs: list[str], ops: list[str] | None = None, configs: str = "all", jo
 
     global _VARIANTS
     start = time.perf_counter()
-    launches = capture.capture(ops, cases)
-    _VARIANTS = capture.variants(launches, make_backend(_target(archs[0])))
+    # Captured once per target: a launcher may launch differently on each (linear's TF32 operands).
+    launches, _VARIANTS = 0, []
+    for arch in archs:
+        captured_launches = capture.capture(ops, cases, arch)
+        launches += len(captured_launches)
+        _VARIANTS += capture.variants(captured_launches, make_backend(_target(arch)), arch)
     captured = time.perf_counter()
     sampled = {arch: sampled_variants(_VARIANTS, arch) if configs == "sample" else {} for arch in archs}
-    tasks = [(i, c, arch) for arch in archs for i, v in enumerate(_VARIANTS)
-             for c in config_indices(i, v, configs, sampled[arch], arch)]
+    tasks = [(i, c, v.arch) for i, v in enumerate(_VARIANTS)
+             for c in config_indices(i, v, configs, sampled[v.arch], v.arch)]
     jobs = jobs or os.cpu_count() or 1
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -236,9 +241,9 @@ def run(archs: list[str], ops: list[str] | None = None, configs: str = "all", jo
     if cuda:
         for arch in archs:
             rows += cuda_rows(arch, ops)
-    return {"rows": rows, "variants": len(_VARIANTS), "launches": len(launches),
-            "configs": configs, "pickable": sum(len(v.configs(a)) for v in _VARIANTS for a in archs),
-            "pruned": sum(len(v.all_configs) - len(v.configs(a)) for v in _VARIANTS for a in archs),
+    return {"rows": rows, "variants": len(_VARIANTS), "launches": launches,
+            "configs": configs, "pickable": sum(len(v.configs(v.arch)) for v in _VARIANTS),
+            "pruned": sum(len(v.all_configs) - len(v.configs(v.arch)) for v in _VARIANTS),
             "capture_s": captured - start, "compile_s": time.perf_counter() - captured}
 
 
