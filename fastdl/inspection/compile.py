@@ -23,10 +23,11 @@ MATMUL_KERNELS = ("linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear
 MEMORY_BOUND_KERNELS = ("cross_entropy_fwd", "scale_rows", "sum_splits", "max_pool2d_fwd", "max_pool2d_bwd",
                         "dropout", "batch_norm_elemt", "batch_norm_backward_elemt", "batch_norm_stats",
                         "batch_norm_backward_reduce", "conv2d_depthwise_fwd", "conv2d_depthwise_bwd_input",
-                        "conv2d_depthwise_bwd_weight")
+                        "conv2d_depthwise_bwd_weight", "conv2d_dw_fwd", "conv2d_dw_bwd_input", "conv2d_dw_bwd_weight")
 # Memory-bound reductions whose only stores are per-channel sums or partials: 128-bit loads expected,
 # no 128-bit stores (there is nothing 16 bytes wide to store).
-REDUCTION_KERNELS = ("batch_norm_stats", "batch_norm_backward_reduce", "conv2d_depthwise_bwd_weight")
+REDUCTION_KERNELS = ("batch_norm_stats", "batch_norm_backward_reduce", "conv2d_depthwise_bwd_weight",
+                     "conv2d_dw_bwd_weight")
 
 _VARIANTS: list = []  # set before the worker pool forks: tasks name variants by index
 
