@@ -118,6 +118,22 @@ def test_triton_grad_weight_split_over_pixels(monkeypatch, case):
     run_conv2d("triton", torch.float32, CASES[case], "channels_last")
 
 
+@pytest.mark.parametrize("case, activation", [("3x3-s2", None), ("groups4", "relu")])
+def test_triton_tf32_hopper_operands(monkeypatch, case, activation):
+    """The TF32 backward's Hopper path (_launch.TF32_K_MAJOR forced on: TF32 computes in float32 under
+    the interpreter): grad_input reads a weight copy contiguous along K, grad_weight feeds g.T from
+    registers (REGISTER_A); both still match the reference."""
+    from fastdl.backends.triton import _launch
+    from fastdl.backends.triton import conv2d as launcher
+
+    monkeypatch.setattr(_launch, "TF32_K_MAJOR", True)
+    copies = []
+    k_major_weight = launcher._k_major_weight
+    monkeypatch.setattr(launcher, "_k_major_weight", lambda w, p: copies.append(k_major_weight(w, p)) or copies[-1])
+    run_conv2d("triton", torch.float32, CASES[case], "channels_last", activation=activation)
+    assert len(copies) == 1 and copies[0].stride(0) == 1, [c.stride() for c in copies]
+
+
 @pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
 def test_triton_without_bias(activation):
     run_conv2d("triton", torch.float32, CASES["1x1"], has_bias=False, activation=activation)

@@ -30,7 +30,7 @@ SUBSETS = {
         "linear fp16 none", "linear bf16 none", "linear tf32 none", "linear fp32 none", "linear fp64 none",
         "linear bf16 gelu", "linear fp16 relu", "linear tf32 gelu 8192x4096->4096", "cross_entropy",
         "linear_cross_entropy", "conv2d bf16 channels_last none 3x3 stage1", "conv2d bf16 channels_last relu 3x3/2",
-        "conv2d tf32 channels_last relu 1x1 reduce", "conv2d depthwise bf16 channels_last relu 3x3/2 96x112x112",
+        "conv2d tf32 channels_last relu 1x1 reduce", "conv2d tf32 channels_last none 3x3", "conv2d depthwise bf16 channels_last relu 3x3/2 96x112x112",
         "conv2d depthwise fp32 channels_last relu 3x3 144x56x56",
         # dropout in every precision; fused after relu into linear's epilogue (Philox beside the
         # accumulator tile); batch_norm's two mappings (channels_last: S = 3136 and 49; NCHW).
@@ -243,6 +243,9 @@ TF32_COPIES = (
     ("linear_bwd_weight", "linear tf32 none"),  # g.T from registers, x copied K-major
     ("linear_bwd_weight", "linear tf32 gelu"),
     ("linear_grad_weight_accumulate", "linear_cross_entropy tf32"),
+    ("conv2d_bwd_input", "conv2d tf32 channels_last none 3x3"),  # the weight copied contiguous along K
+    # Not conv2d_bwd_weight: its g.T comes from registers, but its B operand, the input window gathered
+    # pixel by pixel (divisions by Q and P), has no contiguity the compiler can prove: 4-byte copies.
 )
 
 

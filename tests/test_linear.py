@@ -78,9 +78,10 @@ def _spy_tf32_operands(monkeypatch):
     """Run fp32 as the TF32 path of sm_90 (under the interpreter TF32 dots compute in float32): the
     K-major operand copies (TF32_K_MAJOR) and g.T fed from registers (REGISTER_A); returns what
     k_major handed each kernel and each register_a answer."""
+    from fastdl.backends.triton import _launch
     from fastdl.backends.triton import linear as triton_linear
 
-    monkeypatch.setattr(triton_linear, "TF32_K_MAJOR", True)
+    monkeypatch.setattr(_launch, "TF32_K_MAJOR", True)
     monkeypatch.setattr(triton_linear, "input_precision", lambda dtype: "tf32" if dtype == torch.float32 else "ieee")
     seen = {"k_major": [], "register_a": []}
     k_major, register_a = triton_linear.k_major, triton_linear.register_a
@@ -126,11 +127,12 @@ def test_triton_tf32_grad_weight_accumulate_k_major(monkeypatch):
 
 def test_k_major_copies_only_tf32_on_sm90(monkeypatch):
     """TF32_K_MAJOR=None (the default): a copy for TF32 launches compiled for Hopper only."""
+    from fastdl.backends.triton import _launch
     from fastdl.backends.triton import linear as triton_linear
     from fastdl.kernels.triton import target
 
     x = make_tensor((64, 48), torch.float32)
-    assert triton_linear.TF32_K_MAJOR is None
+    assert _launch.TF32_K_MAJOR is None
     for capability, precision, copied in (((9, 0), "tf32", True), ((9, 0), "ieee", False), ((8, 0), "tf32", False),
                                           ((10, 0), "tf32", False), (None, "tf32", False)):
         with target.compiling_for(capability):

@@ -30,7 +30,7 @@ def _linear_workloads(quick: bool) -> list[Workload]:
             for dt in DTYPES for k, n, act in mlp]
     out += [square("fp32", s) for s in squares]
     # The TF32 backward on sm_90 copies its strided B operands K-major (fastdl/backends/triton/linear.py:
-    # k_major); the same products without the copies (4-byte cp.async instead), to weigh the two.
+    # k_major, _launch.TF32_K_MAJOR); the same products without the copies (4-byte cp.async instead), to weigh the two.
     out += [Workload("linear", "square", "tf32", (s, s, s), (("activation", "relu"), ("tf32_k_major", False)),
                      f"{s}^3 k-major copies off") for s in (QUICK_SQUARE_SIZES[-1:] if quick else (2048, 8192))]
     if not quick:
@@ -54,14 +54,14 @@ def _linear_torch(w: Workload) -> Callable:
 
 
 def _linear_fastdl(w: Workload) -> Callable:
-    from fastdl.backends.triton import linear as triton_linear
+    from fastdl.backends.triton import _launch
 
     act = w.param["activation"]
     k_major = w.param.get("tf32_k_major")  # None: the default choice
 
     def run(x, weight, bias):
         # Set at every call (the backward that follows reads it too), so no workload inherits another's.
-        triton_linear.TF32_K_MAJOR = k_major
+        _launch.TF32_K_MAJOR = k_major
         return fastdl.functional.linear(x, weight, bias, activation=act)
 
     return run

@@ -39,7 +39,7 @@ Pointer offsets are int64: the activations of a large batch pass 2**31 elements.
 import triton
 import triton.language as tl
 
-from .linear import _activation, _activation_grad, _grouped_tile, _sum_splits  # noqa: F401
+from .linear import _activation, _activation_grad, _from_registers, _grouped_tile, _sum_splits  # noqa: F401
 from .matmul_tiles import TileLists
 
 # Channels per group below which FEW_CHANNELS folds s into the channel axis (tl.dot's minimum K).
@@ -331,7 +331,7 @@ def _conv2d_bwd_input(
 # --- grad_weight (and grad_bias) ------------------------------------------------------------------
 
 @_autotune("conv2d_bwd_weight", key=["N", "C_g", "H", "W", "K_g", "P", "Q", "R", "S", "stride_h", "stride_w",
-                                     "ACTIVATION", "HAS_BIAS", "FEW_CHANNELS", "INPUT_PRECISION"])
+                                     "ACTIVATION", "HAS_BIAS", "FEW_CHANNELS", "INPUT_PRECISION", "REGISTER_A"])
 @_jit
 def _conv2d_bwd_weight(
     grad_out_ptr, saved_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,
@@ -343,7 +343,7 @@ def _conv2d_bwd_weight(
     stride_wsplit, stride_wk, stride_wc, stride_wr, stride_ws, stride_bsplit,
     negative_slope,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, FEW_CHANNELS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, REGISTER_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Tile (BLOCK_N output channels, BLOCK_K input channels) of one kernel position (r, s) (with
@@ -413,7 +413,9 @@ def _conv2d_bwd_weight(
             x_mask = (row_ok & (iw >= 0) & (iw < W))[:, None] & k_ok[None, :]
             x_ptrs = x_cols[None, :] + (x_row + iw * stride_xw)[:, None]
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        acc = tl.dot(grad.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+        # REGISTER_A (TF32 on Hopper): g.T, contiguous along the output channels, fed to wgmma from
+        # registers rather than copied into shared memory 4 bytes at a time (linear's _from_registers).
+        acc = tl.dot(_from_registers(grad.to(x.dtype), REGISTER_A), x, acc, input_precision=INPUT_PRECISION)
     split_offset = split.to(tl.int64) * stride_wsplit
     offs_w = (((group * K_g + offs_n) * stride_wk)[:, None]
               + (c_j * stride_wc + r * stride_wr + s_j * stride_ws)[None, :])

@@ -76,6 +76,31 @@ def wrap_triton(kernel):
     return wrapped
 
 
+# Hopper's wgmma reads a 32-bit (TF32) operand from shared memory only K-major (contiguous along the
+# reduction), and only its A operand may come from registers instead. A B operand contiguous along
+# the output dimension (linear's x and w in the backward, conv2d's weight in grad_input) is copied
+# into shared memory transposed by Triton, 4 bytes per cp.async against 16 for every other operand,
+# each copy writing 32 rows of the swizzled shared tile at a time. A K-major copy of the operand made
+# once per call (one read and one write of it: 8 bytes per element in TF32; for linear's x against
+# 2 M N K flops, ~333 / N of the product's time on an H200 at 4.8 TB/s and ~400 TFLOP/s; conv2d's
+# weight is small) lets every copy be 16 bytes wide (`fastdl inspect --arch sm_90`, test_inspection's
+# test_tf32_backward_copies_16_bytes). sm_80's mma.sync reads either layout from shared memory: its
+# copies are 16 bytes wide as they are. Which is faster at a given shape is a GPU measurement:
+# `fastdl bench --op linear` times the TF32 backward both ways ("k-major copies off").
+# None: on TF32 launches for compute capability 9.x; True / False: always / never (tests, benchmarks).
+TF32_K_MAJOR = None
+
+
+def wants_k_major(t: torch.Tensor, precision: str) -> bool:
+    """Whether a launch on `t` copies its strided TF32 B operands K-major (TF32_K_MAJOR)."""
+    if TF32_K_MAJOR is not None:
+        return TF32_K_MAJOR
+    from fastdl.kernels.triton import target
+
+    capability = target.capability(t)
+    return precision == "tf32" and capability is not None and capability[0] == 9
+
+
 def input_precision(dtype: torch.dtype) -> str:
     # TF32 follows torch's own switch, so fastdl matches F.linear's numerics on Ampere+.
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

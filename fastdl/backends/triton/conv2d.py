@@ -152,9 +152,10 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
         if grad_input.numel() and C_g == 1:
             _depthwise_bwd_input(grad_out, s, w, grad_input, stride, padding, dilation, code, negative_slope)
         elif grad_input.numel():
+            w_k = _k_major_weight(weight, precision)
             wrap_triton(_k._conv2d_bwd_input)[grid](
-                grad_out, s, w, grad_input, *geometry,
-                *grad_out.stride(), *s.stride(), *w.stride(),
+                grad_out, s, w_k, grad_input, *geometry,
+                *grad_out.stride(), *s.stride(), *w_k.stride(),
                 *grad_input.stride(),
                 float(negative_slope),
                 ACTIVATION=code, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
@@ -172,6 +173,16 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
                          acc_dtype, precision)
         grad_weight = grad_weight.contiguous(memory_format=memory_format(weight)) if needs_weight_grad else None
     return grad_input, grad_weight, grad_bias
+
+
+def _k_major_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
+    """grad_input's B operand, the weight (K, C_g, R, S) reduced over K: channels_last it is contiguous
+    along C_g, which on Hopper costs 4-byte TF32 copies (see _launch.wants_k_major); there, a copy
+    contiguous along K (K * C_g * R * S elements, small next to the activations), else the weight in
+    channels_last (_nhwc)."""
+    if not _launch.wants_k_major(weight, precision) or weight.numel() == 0:
+        return _nhwc(weight)
+    return weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def _grad_weight(grad_out, s, input, grad_weight, grad_bias, geometry, groups, code, negative_slope, acc_dtype,
@@ -203,7 +214,7 @@ def _grad_weight(grad_out, s, input, grad_weight, grad_bias, geometry, groups, c
         *w_strides, b_split,
         float(negative_slope),
         HAS_BIAS=grad_bias is not None, ACTIVATION=code, FEW_CHANNELS=few, ACC_DTYPE=acc_dtype,
-        INPUT_PRECISION=precision,
+        INPUT_PRECISION=precision, REGISTER_A=_launch.wants_k_major(input, precision),
     )
     if splits > 1:
         for partial, result in ((weight_out, grad_weight), (bias_out, grad_bias)):

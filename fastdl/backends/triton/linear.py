@@ -6,10 +6,10 @@ import torch
 import triton
 
 from fastdl.backends.common import ACTIVATION_CODES, SAVE_KIND, linear_backward_saved, linear_outputs
+from fastdl.backends.triton import _launch
 from fastdl.backends.triton._launch import ACC_DTYPE, input_precision, wrap_triton
 from fastdl.backends.triton._launch import interpreter_bf16
 from fastdl.kernels.triton import linear as _k
-from fastdl.kernels.triton import target
 from fastdl.reference.dropout import threshold
 
 
@@ -80,30 +80,13 @@ def linear_bwd(grad_out, input, weight, bias, saved, out, activation, negative_s
     return grad_input, grad_weight, grad_bias
 
 
-# Hopper's wgmma reads a 32-bit (TF32) operand from shared memory only K-major (contiguous along the
-# reduction), and only its A operand may come from registers instead. The B operand of grad_weight =
-# g.T @ x is x, reduced over M but contiguous along K, and that of grad_input = g @ w with an
-# activation (g computed in registers) is w, reduced over N but contiguous along K: Triton copies
-# such an operand into shared memory transposed, 4 bytes per cp.async (against 16 for every other
-# operand), and every copy of a tile writes 32 rows of the swizzled shared tile at a time. A K-major
-# copy of the operand, made once per call (one read and one write of it: x.numel() * 8 bytes in TF32,
-# against 2 * M * N * K flops, ~333 / N of the product's time on an H200 at 4.8 TB/s and ~400 TFLOP/s),
-# lets every copy be 16 bytes wide (`fastdl inspect --arch sm_90`: test_inspection's
-# test_tf32_backward_copies_16_bytes). sm_80's mma.sync reads either layout from shared memory, so
-# its copies are 16 bytes wide as they are. Which is faster at a given shape is a GPU measurement:
-# `fastdl bench --op linear` times the TF32 backward both ways ("tf32 k-major copy off").
-# None: on TF32 launches for compute capability 9.x (Hopper's wgmma); True / False: always / never.
-TF32_K_MAJOR = None
-
-
 def k_major(t: torch.Tensor, precision: str) -> torch.Tensor:
     """t (R, C), reduced over R as a matmul's B operand: a copy contiguous along R (strides (1, R))
-    where TF32_K_MAJOR asks for it, else t itself. The kernels read any strides."""
-    wanted = TF32_K_MAJOR
-    if wanted is None:
-        capability = target.capability(t)
-        wanted = precision == "tf32" and capability is not None and capability[0] == 9
-    if not wanted or t.stride(0) == 1 or t.numel() == 0:
+    where _launch.wants_k_major(t, precision) (TF32 on Hopper: see there), else t itself. The B
+    operand of grad_weight = g.T @ x is x, reduced over M but contiguous along K; that of grad_input =
+    g @ w with an activation (g computed in registers, the A operand) is w, reduced over N but
+    contiguous along K. The kernels read any strides."""
+    if not _launch.wants_k_major(t, precision) or t.stride(0) == 1 or t.numel() == 0:
         return t
     return t.t().contiguous().t()
 
