@@ -15,7 +15,8 @@ test process (x86's aligned moves fault, as the GPU does) before it can be repor
 
 Index errors, bounds, strides, alignment paths, block and warp reductions, tile ownership, the
 math and the launchers' arguments are all exercised; a missing __syncthreads shows under
-ThreadSanitizer (not run here). Warp-level timing, independent thread scheduling inside a warp
+ThreadSanitizer (not run here). cp.async copies (mma.cuh's pipeline) land when a wait_group covers
+them, not before, so a read of a tile before its wait computes wrong numbers. Warp-level timing, independent thread scheduling inside a warp
 and CUDA's math library are not. Each module is compiled once per test session.
 
     def test_x(emulated_backend):   # fastdl.backends.cupy, launching into the emulation
@@ -117,6 +118,46 @@ extern "C" const char* emulated_assert_message() { return assert_message; }
 inline std::atomic<int> misaligned_accesses{0};
 extern "C" void __ubsan_handle_type_mismatch_v1(void*, void*) { misaligned_accesses++; }
 extern "C" int emulated_misaligned_accesses() { return misaligned_accesses.exchange(0); }
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes; commit_group; wait_group N (mma.cuh), as
+// the PTX ISA defines them: a thread's copies join the group it commits next; wait_group N returns
+// once at most the N most recent of its committed groups are pending. Each copy is performed when
+// its group completes (the deferred copy a GPU may make: a read of the tile before the wait that
+// covers it sees the old contents here too). 16 bytes: src_bytes from src, then zeros.
+struct EmulatedCopy { void* dst; const void* src; int bytes; };
+inline thread_local std::vector<EmulatedCopy> copies_uncommitted;
+inline thread_local std::vector<std::vector<EmulatedCopy>> copy_groups;  // committed, oldest first
+inline void emulated_cp_async(void* dst, const void* src, int src_bytes) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16)
+        || src_bytes < 0 || src_bytes > 16)
+        misaligned_accesses++;
+    copies_uncommitted.push_back({dst, src, src_bytes});
+}
+inline void emulated_cp_async_commit() {
+    copy_groups.push_back(std::move(copies_uncommitted));
+    copies_uncommitted.clear();
+}
+inline void emulated_cp_async_wait(int pending) {
+    while (int(copy_groups.size()) > pending) {
+        for (const EmulatedCopy& c : copy_groups.front()) {
+            unsigned char bytes[16] = {};
+            if (c.bytes > 0) std::memcpy(bytes, c.src, size_t(c.bytes));
+            std::memcpy(c.dst, bytes, 16);
+        }
+        copy_groups.erase(copy_groups.begin());
+    }
+}
+// At a block's exit no copy may be outstanding (it would land in the next block's shared memory
+// here, and on a GPU it is a copy no wait covered): a failed assert.
+inline void emulated_cp_async_exit() {
+    bool outstanding = !copies_uncommitted.empty();
+    for (const auto& group : copy_groups) outstanding |= !group.empty();
+    if (outstanding) {
+        assert_message = "cp.async copies outstanding at a block's exit (a missing cp.async.wait_group)";
+        assert_failures++;
+    }
+    copies_uncommitted.clear();
+    copy_groups.clear();
+}
 // The block's threads walk the grid's blocks in order (x fastest); the barrier after each block
 // keeps one block's use of the __shared__ (here: static) arrays from overlapping the next one's.
 template <typename... P, typename... A>
@@ -137,6 +178,7 @@ int emulate(long long grid_x, long long grid_y, int threads, void (*kernel)(P...
                     blockIdx.x = unsigned(bx);
                     blockIdx.y = unsigned(by);
                     kernel(args...);
+                    emulated_cp_async_exit();
                     barrier.arrive_and_wait();
                 }
         });

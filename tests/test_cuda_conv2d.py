@@ -9,7 +9,7 @@ what NVRTC makes of it for sm_80 / sm_90.
   in one tensor-core and one SIMT precision, chosen so every precision meets several code paths.
 - The static checks compile every instantiation to cubins and read their SASS: tensor cores in
   every fp16 / bf16 / TF32 kernel, no spills anywhere, 16-byte global loads where channels_last
-  takes them.
+  takes them, and the operands' cp.async copies (mma.cuh's pipeline) all 16 bytes wide.
 """
 from __future__ import annotations
 
@@ -224,5 +224,7 @@ def test_tensor_cores_and_16_byte_loads(compiled):
             # channels_last moves 16-byte chunks of the operands (and of the epilogue's outputs)
             assert s.global_loads_128 > 0, (arch, kernel, args)
             assert s.global_stores_128 > 0, (arch, kernel, args)
+            # the operands' chunks go global -> shared by cp.async, 16 bytes a copy (LDGSTS.128)
+            assert s.async_copies > 0 and set(s.async_copy_bits) == {"128"}, (arch, kernel, args, s.async_copy_bits)
         for args in ("float", "double"):
             assert stats[f"{kernel}<{args}>"].mma_ops.keys() <= {"DMMA"}, (arch, kernel, args)

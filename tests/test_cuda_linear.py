@@ -367,3 +367,28 @@ def test_emulated_fused_dropout(emulated_backend, dtype, shape):
         grad = torch.empty_like(g)
         emulated_backend.dropout_rows(g, seed, 0.35, grad)
         assert torch.equal(grad != 0, torch.from_numpy(keep) & (g != 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The binaries NVRTC makes for sm_80 and sm_90 (tests/test_inspection.py reads them too, with the
+# rest of `fastdl inspect`): the tensor-core tile's operands by cp.async, 16 bytes a copy, no spills.
+
+
+@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
+def compiled(request):
+    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC (cuda-bindings) is needed for the compile checks")
+    from fastdl.inspection import sass
+
+    return request.param, sass.instantiation_stats("linear", request.param)
+
+
+def test_operands_copied_16_bytes_without_spills(compiled):
+    arch, stats = compiled
+    for kernel in cupy_backend._runtime.LINEAR_KERNELS:
+        for args in ("__half", "__nv_bfloat16", "float, true"):
+            s = stats[f"{kernel}<{args}>"]
+            assert s.async_copies > 0 and set(s.async_copy_bits) == {"128"}, (arch, kernel, args, s.async_copy_bits)
+        for args in ("float", "double"):  # the SIMT path copies nothing
+            assert not stats[f"{kernel}<{args}>"].async_copies, (arch, kernel, args)
+    spills = {e: s.stack for e, s in stats.items() if s.stack or s.spill_stores}
+    assert not spills, f"{arch}: local memory (spills) in {spills}"

@@ -138,6 +138,11 @@ struct Window {
         const long long o = PixelOuter ? offset(outer, red) : offset(m_begin + red, outer);
         return o < 0 ? Acc(0) : to_acc(x[o]);
     }
+    __device__ bool direct() const { return true; }
+    __device__ const void* address(long long outer, long long red) const {  // a chunk lies in one pixel
+        const long long o = PixelOuter ? offset(outer, red) : offset(m_begin + red, outer);
+        return o < 0 ? nullptr : x + o;
+    }
     __device__ void chunk(long long outer, long long red, float (&v)[CHUNK]) const {
         const long long o = PixelOuter ? offset(outer, red) : offset(m_begin + red, outer);
         T e[CHUNK];
@@ -179,6 +184,8 @@ struct Filters {
         return outer * s_outer + inner * s_inner + r * s_r + s * s_s;
     }
     __device__ Acc element(long long outer, long long red) const { return to_acc(w[offset(outer, red)]); }
+    __device__ bool direct() const { return true; }
+    __device__ const void* address(long long outer, long long red) const { return w + offset(outer, red); }
     __device__ void chunk(long long outer, long long red, float (&v)[CHUNK]) const {
         T e[CHUNK];
         tc::load_vector(w + offset(outer, red), e);
@@ -219,6 +226,11 @@ struct GradValues {
             default: return activation == ACT_NONE || (ss_k == 1 && aligned16(saved) && chunked<T>(ss_n, ss_p, ss_q));
         }
     }
+    // Without an activation g is grad_out as stored: its chunks may be copied as they are.
+    __device__ bool direct() const { return activation == ACT_NONE; }
+    __device__ const void* address_at(long long n, long long k, long long p, long long q) const {
+        return grad_out + n * gs_n + k + p * gs_p + q * gs_q;
+    }
     __device__ void chunk_at(long long n, long long k, long long p, long long q, float (&v)[CHUNK]) const {
         T g[CHUNK];
         tc::load_vector(grad_out + n * gs_n + k + p * gs_p + q * gs_q, g);
@@ -257,6 +269,12 @@ struct GradByFilter {
         long long n, p, q;
         pixel(m_begin + red, P, Q, n, p, q);
         return g.at(n, outer, p, q);
+    }
+    __device__ bool direct() const { return g.direct(); }
+    __device__ const void* address(long long outer, long long red) const {
+        long long n, p, q;
+        pixel(m_begin + red, P, Q, n, p, q);
+        return g.address_at(n, outer, p, q);
     }
     __device__ void chunk(long long outer, long long red, float (&v)[CHUNK]) const {
         long long n, p, q;
@@ -306,6 +324,11 @@ struct GradWindow {
     __device__ Acc element(long long outer, long long red) const {
         long long n, k, p, q;
         return source(outer, red, n, k, p, q) ? g.at(n, k, p, q) : Acc(0);
+    }
+    __device__ bool direct() const { return g.direct(); }
+    __device__ const void* address(long long outer, long long red) const {
+        long long n, k, p, q;
+        return source(outer, red, n, k, p, q) ? g.address_at(n, k, p, q) : nullptr;
     }
     __device__ void chunk(long long outer, long long red, float (&v)[CHUNK]) const {
         long long n, k, p, q;

@@ -185,6 +185,8 @@ struct Dense {
         return red_contiguous() ? tc::aligned_rows<T>(p, stride_outer, stride_red) : tc::aligned_rows<T>(p, stride_red, stride_outer);
     }
     __device__ Acc element(long long outer, long long red) const { return to_acc(p[outer * stride_outer + red * stride_red]); }
+    __device__ bool direct() const { return true; }
+    __device__ const void* address(long long outer, long long red) const { return p + outer * stride_outer + red * stride_red; }
     __device__ void chunk(long long outer, long long red, float (&v)[CHUNK]) const {
         T e[CHUNK];
         tc::load_vector(p + outer * stride_outer + red * stride_red, e);
@@ -224,6 +226,12 @@ struct Grad {
     __device__ Acc element(long long outer, long long red) const {
         const long long m = Transposed ? red : outer, n = Transposed ? outer : red;
         return load_grad<T>(grad_out, saved, m, n, stride_gm, stride_gn, stride_sm, stride_sn, negative_slope, activation);
+    }
+    // Without an activation g is grad_out as stored: its chunks may be copied as they are.
+    __device__ bool direct() const { return activation == ACT_NONE; }
+    __device__ const void* address(long long outer, long long red) const {
+        const long long m = Transposed ? red : outer, n = Transposed ? outer : red;
+        return grad_out + m * stride_gm + n * stride_gn;
     }
     __device__ void chunk(long long outer, long long red, float (&v)[CHUNK]) const {
         const long long m = Transposed ? red : outer, n = Transposed ? outer : red;

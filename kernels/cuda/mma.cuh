@@ -28,6 +28,13 @@
 // lane hands its registers to the warp, and gets back exactly the registers the hardware gives
 // it, so a kernel that loads a fragment in the wrong layout computes wrong numbers on the CPU.
 //
+// Operand tiles move global -> shared in a 2-stage pipeline (matmul's comment): on sm_80 / sm_90,
+// where both operands need no transform on load, their 16-byte chunks go by cp.async (LDGSTS), so
+// step k + 1's copies are in flight during step k's mma; otherwise (a prologue such as act', an
+// unaligned or strided operand) both go through registers into one stage, fetched before the mma.
+// TF32 operands are rounded (cvt.rna) as fragments are read from shared memory, so raw float32
+// copies and register-staged values give the same mma inputs.
+//
 // An operand loader (a struct; linear.cu's Dense and Grad are examples) provides:
 //   bool red_contiguous() const     its elements are closest along the reduction index (else
 //                                   along the outer one: A's row, B's column); picks the shared
@@ -38,6 +45,11 @@
 //                                   contiguous index starting at (outer, red); all in bounds,
 //                                   called only when vector()
 //   float element(outer, red) const one element, in bounds
+//   bool direct() const             a chunk's elements are stored values, unchanged (no prologue):
+//                                   the tile may copy them to shared memory with cp.async
+//   const void* address(outer, red) const   the chunk's first element, or nullptr where the whole
+//                                   chunk is zeros (padding); called only when vector() && direct(),
+//                                   for chunks whose first element is in bounds
 // The tile calls them only in bounds and fills zeros elsewhere, so partial tiles, any K and
 // misaligned or non-contiguous operands are correct; only the copy width changes.
 #pragma once
@@ -52,11 +64,13 @@ template <> struct Input<__half> {
     typedef __half storage;
     static constexpr int MMA_K = 16;
     static __device__ __forceinline__ __half round(float v) { return __float2half_rn(v); }
+    static __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 };
 template <> struct Input<__nv_bfloat16> {
     typedef __nv_bfloat16 storage;
     static constexpr int MMA_K = 16;
     static __device__ __forceinline__ __nv_bfloat16 round(float v) { return __float2bfloat16_rn(v); }
+    static __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 template <> struct Input<tf32> {
     typedef float storage;
@@ -74,11 +88,13 @@ template <> struct Input<tf32> {
         return __uint_as_float(u);
 #endif
     }
+    static __device__ __forceinline__ float widen(float v) { return v; }
 };
 
 // The block tile: 64 x 64 outputs, 256 threads = 8 warps as 2 (rows) x 4 (cols), each warp
 // 32 x 16 = 2 x 2 mma tiles of 16 x 8. A reduction step moves one 16-byte chunk per thread and
-// operand: 32 (16-bit) or 16 (TF32) reduction indices per step.
+// operand: 32 (16-bit) or 16 (TF32) reduction indices per step. STAGES steps' tiles are in shared
+// memory at once (the pipeline): 20 KB in all.
 constexpr int ROWS = 64, COLS = 64, BLOCK_THREADS = 256;
 constexpr int WARP_ROWS = 32, WARP_COLS = 16, WARPS_PER_ROW = COLS / WARP_COLS;
 constexpr int MI = WARP_ROWS / 16, NI = WARP_COLS / 8;
@@ -92,7 +108,8 @@ template <typename In> struct Tile {
     static constexpr int RED_PITCH = RED + CHUNK;          // [outer][red]: 80 bytes
     static constexpr int OUTER_PITCH = ROWS + 8;           // [red][outer]: 144 / 288 bytes
     static constexpr int OPERAND_ELEMS = ROWS * RED_PITCH > RED * OUTER_PITCH ? ROWS * RED_PITCH : RED * OUTER_PITCH;
-    static constexpr int SHARED_BYTES = 2 * OPERAND_ELEMS * int(sizeof(S));  // A, then B
+    static constexpr int STAGES = 2;
+    static constexpr int SHARED_BYTES = 2 * STAGES * OPERAND_ELEMS * int(sizeof(S));  // A's stages, then B's
     static_assert(ROWS == COLS, "one chunk mapping serves both operands");
     static_assert(RED % Input<In>::MMA_K == 0, "whole mma steps per reduction step");
 };
@@ -183,11 +200,15 @@ __device__ __forceinline__ void mma(FragC& d, const FragA& a, const FragB& b) {
     }
 }
 
-__device__ __forceinline__ unsigned shared_load_b32(const void* p) {
-    unsigned u;
-    memcpy(&u, p, 4);
-    return u;
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes / commit_group / wait_group N, as the PTX
+// ISA defines them: a copy belongs to the group its thread commits next, and is complete only when
+// a wait_group leaves its group behind; the emulation (tests/cuda_emulation.py) performs it then,
+// so a read of the tile before the wait sees the old contents, as it may on the GPU.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, int src_bytes) {
+    emulated_cp_async(dst, src, src_bytes);
 }
+__device__ __forceinline__ void copy_async_commit() { emulated_cp_async_commit(); }
+template <int N> __device__ __forceinline__ void copy_async_wait() { emulated_cp_async_wait(N); }
 
 #else
 // ---- The device: inline PTX ----------------------------------------------------------------------
@@ -223,7 +244,16 @@ template <> __device__ __forceinline__ void mma<tf32>(FragC& d, const FragA& a, 
                  : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
 }
 
-__device__ __forceinline__ unsigned shared_load_b32(const void* p) { return *static_cast<const unsigned*>(p); }
+// 16 bytes global -> shared, bypassing L1 (.cg), the first src_bytes from src and zeros after
+// (src_bytes 0: nothing is read, the chunk is zeros). sm_80 and later, as mma.sync above.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, int src_bytes) {
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
 #endif
 
 // ---- Global memory: 16 bytes an access where a run of elements is contiguous and aligned ------
@@ -351,7 +381,78 @@ __device__ __forceinline__ void store_chunk(typename Input<In>::storage* tile, b
     *reinterpret_cast<uint4*>(tile + (red_contiguous ? o * T::RED_PITCH + r : r * T::OUTER_PITCH + o)) = bits;
 }
 
+// This thread's chunk at (outer0 + outer, red0 + red) by cp.async into the step tile: the elements in
+// bounds (a prefix of the chunk: it runs along the contiguous index) and zeros after them; the
+// loader's address() is nullptr where the chunk is padding (zeros). The copy lands at a wait.
+template <typename In, typename Op>
+__device__ __forceinline__ void copy_chunk(const Op& op, typename Input<In>::storage* tile, bool red_contiguous,
+                                           long long outer0, long long red0, long long outers, long long reduction) {
+    typedef Tile<In> T;
+    int o, r;
+    chunk_position<In>(red_contiguous, o, r);
+    const long long outer = outer0 + o, red = red0 + r;
+    const long long in_bounds = red_contiguous ? (outer < outers ? reduction - red : 0)
+                                               : (red < reduction ? outers - outer : 0);
+    const int count = int(min((long long)T::CHUNK, max(0LL, in_bounds)));
+    const void* source = count > 0 ? op.address(outer, red) : nullptr;
+    copy_async_16(tile + (red_contiguous ? o * T::RED_PITCH + r : r * T::OUTER_PITCH + o), source,
+                  source ? count * int(sizeof(typename Input<In>::storage)) : 0);
+}
+
+// SumRows for a chunk that came by cp.async: its values, from the tile (this thread's own copy,
+// complete after the wait), added to row_partial as fetch() adds a register chunk's.
+template <typename In>
+__device__ __forceinline__ void sum_chunk(const typename Input<In>::storage* tile, bool red_contiguous,
+                                          float (&row_partial)[Tile<In>::CHUNK]) {
+    typedef Tile<In> T;
+    int o, r;
+    chunk_position<In>(red_contiguous, o, r);
+    const typename Input<In>::storage* chunk = tile + (red_contiguous ? o * T::RED_PITCH + r : r * T::OUTER_PITCH + o);
+#pragma unroll
+    for (int e = 0; e < T::CHUNK; ++e) row_partial[red_contiguous ? 0 : e] += Input<In>::widen(chunk[e]);
+}
+
+// One operand's side of the pipeline: its loader, its shared layout, how its chunks travel (Async:
+// cp.async; else registers, `next` holding the chunk between the load and the store). The path is a
+// template argument, chosen once per matmul call (copied()).
+template <typename In, typename Op, bool Async>
+struct Operand {
+    typedef typename Input<In>::storage S;
+    static constexpr bool async = Async;
+    const Op& op;
+    S* tiles;  // STAGES step tiles of OPERAND_ELEMS
+    long long outer0, outers;
+    bool red_contiguous, vector;
+
+    __device__ __forceinline__ Operand(const Op& op_, S* tiles_, long long outer0_, long long outers_)
+        : op(op_), tiles(tiles_), outer0(outer0_), outers(outers_), red_contiguous(op_.red_contiguous()),
+          vector(Async || op_.vector()) {}
+    __device__ __forceinline__ S* tile(int stage) const { return tiles + stage * Tile<In>::OPERAND_ELEMS; }
+    // Start the loads of the step at red0 into `stage`: copies in flight, or values into `next`.
+    template <bool SumRows>
+    __device__ __forceinline__ void load(int stage, long long red0, long long reduction, float (&next)[Tile<In>::CHUNK],
+                                         float (&row_partial)[Tile<In>::CHUNK]) const {
+        if constexpr (Async) copy_chunk<In>(op, tile(stage), red_contiguous, outer0, red0, outers, reduction);
+        else fetch<In, SumRows>(op, red_contiguous, vector, outer0, red0, outers, reduction, next, row_partial);
+    }
+    // The register path's store of that step (after the copies' wait, or after an mma: see pipeline_step).
+    __device__ __forceinline__ void store(int stage, const float (&next)[Tile<In>::CHUNK]) const {
+        if constexpr (!Async) store_chunk<In>(tile(stage), red_contiguous, next);
+    }
+};
+
+
 // ---- Shared -> fragments ---------------------------------------------------------------------------
+
+// A float32 operand element as the TF32 mma reads it: rounded to nearest (ties away) here, since
+// cp.async stages the raw float32 bits (rounding a value the register path already rounded
+// changes nothing).
+__device__ __forceinline__ unsigned tf32_bits(const float* p) {
+    const float v = Input<tf32>::round(*p);
+    unsigned u;
+    memcpy(&u, &v, 4);
+    return u;
+}
 
 // A's fragment for rows [row, row + 16) and reduction [k, k + MMA_K) of the step tile.
 template <typename In>
@@ -359,7 +460,7 @@ __device__ __forceinline__ void load_a(FragA& a, const typename Input<In>::stora
                                        int row, int k) {
     typedef Tile<In> T;
     const int lane = lane_id();
-    if (Input<In>::MMA_K == 16) {
+    if constexpr (Input<In>::MMA_K == 16) {
         // Matrices 0..3 = (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15):
         // a0..a3 of m16n8k16. Lane l gives row l % 8 of matrix l / 8.
         const int j = lane / 8, i = lane % 8;
@@ -373,7 +474,7 @@ __device__ __forceinline__ void load_a(FragA& a, const typename Input<In>::stora
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int r = row + g + (q % 2) * 8, c = k + t + (q / 2) * 4;
-            a.r[q] = shared_load_b32(tile + (red_contiguous ? r * T::RED_PITCH + c : c * T::OUTER_PITCH + r));
+            a.r[q] = tf32_bits(tile + (red_contiguous ? r * T::RED_PITCH + c : c * T::OUTER_PITCH + r));
         }
     }
 }
@@ -385,7 +486,7 @@ __device__ __forceinline__ void load_b(FragB (&b)[NI], const typename Input<In>:
     typedef Tile<In> T;
     static_assert(NI == 2, "one ldmatrix.x4 holds two n8 tiles");
     const int lane = lane_id();
-    if (Input<In>::MMA_K == 16) {
+    if constexpr (Input<In>::MMA_K == 16) {
         // Matrices 0..3 = (cols 0-7, k 0-7), (cols 0-7, k 8-15), (cols 8-15, k 0-7), (cols 8-15, k 8-15):
         // b0, b1 of the first n8 tile, then of the second.
         const int j = lane / 8, i = lane % 8;
@@ -402,7 +503,7 @@ __device__ __forceinline__ void load_b(FragB (&b)[NI], const typename Input<In>:
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
                 const int n = col + ni * 8 + g, c = k + t + q * 4;
-                b[ni].r[q] = shared_load_b32(tile + (red_contiguous ? n * T::RED_PITCH + c : c * T::OUTER_PITCH + n));
+                b[ni].r[q] = tf32_bits(tile + (red_contiguous ? n * T::RED_PITCH + c : c * T::OUTER_PITCH + n));
             }
     }
 }
@@ -431,38 +532,109 @@ __device__ __forceinline__ void mma_step(FragC (&acc)[MI][NI], const typename In
 }
 
 
+// The pipeline, one reduction step: step `stage`'s tiles were loaded one step earlier; start the
+// next step's loads into the other stage (when `more`), wait for this step's copies, then the mma.
+// A register-path chunk of the next step is stored after the mma (its load overlaps the mma too).
+// Barriers: the first makes this step's tiles (copies and stores) visible to the block; the second
+// keeps the next step's loads from overwriting a stage another warp's mma is still reading.
+// Where a path copies, every thread commits one group a step (empty or not), so wait_group 1
+// means "all but the next step's copies have landed".
+template <typename In, bool SumRows, typename TA, typename TB>
+__device__ __forceinline__ void pipeline_step(FragC (&acc)[MI][NI], const TA& a, const TB& b,
+                                              int stage, bool more, long long next_red0, long long reduction,
+                                              float (&row_partial)[Tile<In>::CHUNK]) {
+    float unused[Tile<In>::CHUNK], a_next[Tile<In>::CHUNK], b_next[Tile<In>::CHUNK];
+    if (more) {
+        a.template load<SumRows>(stage ^ 1, next_red0, reduction, a_next, row_partial);
+        b.template load<false>(stage ^ 1, next_red0, reduction, b_next, unused);
+    }
+    if constexpr (TA::async || TB::async) {
+        copy_async_commit();
+        copy_async_wait<1>();  // this step's copies
+    }
+    if constexpr (SumRows && TA::async) sum_chunk<In>(a.tile(stage), a.red_contiguous, row_partial);
+    __syncthreads();  // the step's tiles are complete
+    mma_step<In>(acc, a.tile(stage), b.tile(stage), a.red_contiguous, b.red_contiguous);
+    if (more) {
+        a.store(stage ^ 1, a_next);
+        b.store(stage ^ 1, b_next);
+    }
+    __syncthreads();  // everyone has read the tiles before the next step's loads overwrite them
+}
+
+// The first step's loads into stage 0 (the register path stored at once: nothing to overlap yet).
+template <typename In, bool SumRows, typename TA, typename TB>
+__device__ __forceinline__ void pipeline_start(const TA& a, const TB& b, long long reduction,
+                                               float (&row_partial)[Tile<In>::CHUNK]) {
+    float unused[Tile<In>::CHUNK];
+    float a_next[Tile<In>::CHUNK], b_next[Tile<In>::CHUNK];
+    a.template load<SumRows>(0, 0, reduction, a_next, row_partial);
+    b.template load<false>(0, 0, reduction, b_next, unused);
+    a.store(0, a_next);
+    b.store(0, b_next);
+    if constexpr (TA::async || TB::async) copy_async_commit();
+}
+
+// Whether a call's operands go by cp.async: both, where both loaders allow it (vector() and
+// direct()); else both through registers in one stage, as before the pipeline.
+// The choice is made once per call and each path is its own loop (Operand's Async): one loop that
+// tested it per step held both paths' state at once, and fp16 / bf16 conv2d spilled at its
+// 128-register cap (a third path, A through registers and B copied, spilled there too).
+template <typename OpA, typename OpB>
+__device__ __forceinline__ bool copied(const OpA& a, const OpB& b) {
+    return a.vector() && a.direct() && b.vector() && b.direct();
+}
+
+template <typename In, bool SumRows, bool AsyncA, bool AsyncB, typename OpA, typename OpB>
+__device__ __forceinline__ void matmul_path(FragC (&acc)[MI][NI], void* smem, long long row0, long long col0,
+                                            long long rows, long long cols, long long reduction,
+                                            const OpA& a, const OpB& b, float (&row_partial)[Tile<In>::CHUNK]) {
+    typedef Tile<In> T;
+    typedef typename Input<In>::storage S;
+    Operand<In, OpA, AsyncA> ta(a, static_cast<S*>(smem), row0, rows);
+    Operand<In, OpB, AsyncB> tb(b, static_cast<S*>(smem) + T::STAGES * T::OPERAND_ELEMS, col0, cols);
+    if constexpr (!AsyncA && !AsyncB) {
+        // No copies: one stage through registers; each step's chunks are fetched before the
+        // previous step's mma, so the global loads overlap the tensor cores.
+        S* a_tile = ta.tile(0);
+        S* b_tile = tb.tile(0);
+        float a_next[T::CHUNK], b_next[T::CHUNK], unused[T::CHUNK];
+        fetch<In, SumRows>(a, ta.red_contiguous, ta.vector, row0, 0, rows, reduction, a_next, row_partial);
+        fetch<In, false>(b, tb.red_contiguous, tb.vector, col0, 0, cols, reduction, b_next, unused);
+        for (long long red0 = 0; red0 < reduction; red0 += T::RED) {
+            store_chunk<In>(a_tile, ta.red_contiguous, a_next);
+            store_chunk<In>(b_tile, tb.red_contiguous, b_next);
+            __syncthreads();  // the step's tiles are complete
+            if (red0 + T::RED < reduction) {
+                fetch<In, SumRows>(a, ta.red_contiguous, ta.vector, row0, red0 + T::RED, rows, reduction, a_next,
+                                   row_partial);
+                fetch<In, false>(b, tb.red_contiguous, tb.vector, col0, red0 + T::RED, cols, reduction, b_next, unused);
+            }
+            mma_step<In>(acc, a_tile, b_tile, ta.red_contiguous, tb.red_contiguous);
+            __syncthreads();  // everyone has read the tiles before the next step overwrites them
+        }
+    } else {
+        pipeline_start<In, SumRows>(ta, tb, reduction, row_partial);
+        int stage = 0;
+        for (long long red0 = 0; red0 < reduction; red0 += T::RED, stage ^= 1)
+            pipeline_step<In, SumRows>(acc, ta, tb, stage, red0 + T::RED < reduction, red0 + T::RED, reduction,
+                                       row_partial);
+    }
+}
+
 // acc (zeroed by the caller) += A[row0:row0+64, :] @ B[:, col0:col0+64] over the whole reduction,
 // this warp's 32 x 16 share in mma fragments. `smem`: Tile<In>::SHARED_BYTES, 16-byte aligned.
 // SumRows: row_partial gathers A's values (as the loader returned them, before rounding to In)
 // for row_sums(); a caller reduces them only where it needs them (sum_rows).
-// Each step's chunks are fetched into registers before the previous step's mma run, so the
-// global loads overlap the tensor cores; two barriers a step keep one shared buffer per operand.
+// Step k + 1's loads (cp.async into the second stage, or into registers) are issued before step
+// k's mma, so the global loads overlap the tensor cores; two barriers a step.
 template <typename In, bool SumRows, typename OpA, typename OpB>
 __device__ __forceinline__ void matmul(FragC (&acc)[MI][NI], void* smem, long long row0, long long col0,
                                        long long rows, long long cols, long long reduction,
                                        const OpA& a, const OpB& b, float (&row_partial)[Tile<In>::CHUNK]) {
-    typedef Tile<In> T;
-    typedef typename Input<In>::storage S;
-    S* a_tile = static_cast<S*>(smem);
-    S* b_tile = a_tile + T::OPERAND_ELEMS;
-    const bool a_red = a.red_contiguous(), b_red = b.red_contiguous();
-    const bool a_vec = a.vector(), b_vec = b.vector();
-    float a_next[T::CHUNK], b_next[T::CHUNK], unused[T::CHUNK];
-    if (reduction > 0) {
-        fetch<In, SumRows>(a, a_red, a_vec, row0, 0, rows, reduction, a_next, row_partial);
-        fetch<In, false>(b, b_red, b_vec, col0, 0, cols, reduction, b_next, unused);
-    }
-    for (long long red0 = 0; red0 < reduction; red0 += T::RED) {
-        store_chunk<In>(a_tile, a_red, a_next);
-        store_chunk<In>(b_tile, b_red, b_next);
-        __syncthreads();  // the step's tiles are complete
-        if (red0 + T::RED < reduction) {
-            fetch<In, SumRows>(a, a_red, a_vec, row0, red0 + T::RED, rows, reduction, a_next, row_partial);
-            fetch<In, false>(b, b_red, b_vec, col0, red0 + T::RED, cols, reduction, b_next, unused);
-        }
-        mma_step<In>(acc, a_tile, b_tile, a_red, b_red);
-        __syncthreads();  // everyone has read the tiles before the next step overwrites them
-    }
+    if (reduction <= 0) return;
+    if (copied(a, b)) matmul_path<In, SumRows, true, true>(acc, smem, row0, col0, rows, cols, reduction, a, b, row_partial);
+    else matmul_path<In, SumRows, false, false>(acc, smem, row0, col0, rows, cols, reduction, a, b, row_partial);
 }
 
 // acc += A @ B over a reduction made of `segments` runs of `length` indices each, walked as nested
@@ -470,51 +642,84 @@ __device__ __forceinline__ void matmul(FragC (&acc)[MI][NI], void* smem, long lo
 // implicit GEMM: one kernel position (r, s) per segment and a group's channels within it, so the
 // loaders decode a reduction index with no division by the channel count, and the channel
 // blocks of one position are contiguous runs (16-byte chunks along C in channels_last).
-// The loaders are the caller's copies; each has `void segment(int)`, the segment of the fetches
+// The loaders are the caller's copies; each has `void segment(int)`, the segment of the loads
 // that follow, and A has `bool segment_used(int) const`: false where the whole segment is zeros
 // for this block (conv2d's input gradient at stride > 1 skips the kernel positions that do not
-// reach the block's output phase). Otherwise as matmul, including SumRows and the prefetch.
+// reach the block's output phase). Otherwise as matmul, including SumRows and the pipeline.
+template <typename In, bool SumRows, bool AsyncA, bool AsyncB, typename OpA, typename OpB>
+__device__ __forceinline__ void matmul_segments_path(FragC (&acc)[MI][NI], void* smem, long long row0, long long col0,
+                                                     long long rows, long long cols, int segments, long long length,
+                                                     int segment, OpA& a, OpB& b, float (&row_partial)[Tile<In>::CHUNK]) {
+    typedef Tile<In> T;
+    typedef typename Input<In>::storage S;
+    Operand<In, OpA, AsyncA> ta(a, static_cast<S*>(smem), row0, rows);
+    Operand<In, OpB, AsyncB> tb(b, static_cast<S*>(smem) + T::STAGES * T::OPERAND_ELEMS, col0, cols);
+    if constexpr (!AsyncA && !AsyncB) {  // as matmul_path's
+        S* a_tile = ta.tile(0);
+        S* b_tile = tb.tile(0);
+        const bool a_red = ta.red_contiguous, b_red = tb.red_contiguous, a_vec = ta.vector, b_vec = tb.vector;
+        float a_next[T::CHUNK], b_next[T::CHUNK], unused[T::CHUNK];
+        fetch<In, SumRows>(a, a_red, a_vec, row0, 0, rows, length, a_next, row_partial);
+        fetch<In, false>(b, b_red, b_vec, col0, 0, cols, length, b_next, unused);
+        while (segment < segments) {
+            int next = segment + 1;
+            while (next < segments && !a.segment_used(next)) ++next;
+            for (long long red0 = 0; red0 < length; red0 += T::RED) {
+                store_chunk<In>(a_tile, a_red, a_next);
+                store_chunk<In>(b_tile, b_red, b_next);
+                __syncthreads();  // the step's tiles are complete
+                // Fetch the next step: the next channel block, or the next segment's first.
+                const bool same = red0 + T::RED < length;
+                if (!same && next < segments) {
+                    a.segment(next);
+                    b.segment(next);
+                }
+                if (same || next < segments) {
+                    const long long red = same ? red0 + T::RED : 0;
+                    fetch<In, SumRows>(a, a_red, a_vec, row0, red, rows, length, a_next, row_partial);
+                    fetch<In, false>(b, b_red, b_vec, col0, red, cols, length, b_next, unused);
+                }
+                mma_step<In>(acc, a_tile, b_tile, a_red, b_red);
+                __syncthreads();  // everyone has read the tiles before the next step overwrites them
+            }
+            segment = next;
+        }
+    } else {
+        pipeline_start<In, SumRows>(ta, tb, length, row_partial);
+        int stage = 0;
+        while (segment < segments) {
+            int next = segment + 1;
+            while (next < segments && !a.segment_used(next)) ++next;
+            for (long long red0 = 0; red0 < length; red0 += T::RED, stage ^= 1) {
+                // The next step: the next channel block, or the next segment's first.
+                const bool same = red0 + T::RED < length;
+                if (!same && next < segments) {
+                    a.segment(next);
+                    b.segment(next);
+                }
+                pipeline_step<In, SumRows>(acc, ta, tb, stage, same || next < segments, same ? red0 + T::RED : 0,
+                                           length, row_partial);
+            }
+            segment = next;
+        }
+    }
+}
+
 template <typename In, bool SumRows, typename OpA, typename OpB>
 __device__ __forceinline__ void matmul_segments(FragC (&acc)[MI][NI], void* smem, long long row0, long long col0,
                                                 long long rows, long long cols, int segments, long long length,
                                                 OpA a, OpB b, float (&row_partial)[Tile<In>::CHUNK]) {
-    typedef Tile<In> T;
-    typedef typename Input<In>::storage S;
-    S* a_tile = static_cast<S*>(smem);
-    S* b_tile = a_tile + T::OPERAND_ELEMS;
-    const bool a_red = a.red_contiguous(), b_red = b.red_contiguous();
-    const bool a_vec = a.vector(), b_vec = b.vector();
-    float a_next[T::CHUNK], b_next[T::CHUNK], unused[T::CHUNK];
     int segment = 0;
     while (segment < segments && !a.segment_used(segment)) ++segment;
     if (segment >= segments || length <= 0) return;
     a.segment(segment);
     b.segment(segment);
-    fetch<In, SumRows>(a, a_red, a_vec, row0, 0, rows, length, a_next, row_partial);
-    fetch<In, false>(b, b_red, b_vec, col0, 0, cols, length, b_next, unused);
-    while (segment < segments) {
-        int next = segment + 1;
-        while (next < segments && !a.segment_used(next)) ++next;
-        for (long long red0 = 0; red0 < length; red0 += T::RED) {
-            store_chunk<In>(a_tile, a_red, a_next);
-            store_chunk<In>(b_tile, b_red, b_next);
-            __syncthreads();  // the step's tiles are complete
-            // Prefetch the next step: the next channel block, or the next segment's first.
-            const bool same = red0 + T::RED < length;
-            if (!same && next < segments) {
-                a.segment(next);
-                b.segment(next);
-            }
-            if (same || next < segments) {
-                const long long red = same ? red0 + T::RED : 0;
-                fetch<In, SumRows>(a, a_red, a_vec, row0, red, rows, length, a_next, row_partial);
-                fetch<In, false>(b, b_red, b_vec, col0, red, cols, length, b_next, unused);
-            }
-            mma_step<In>(acc, a_tile, b_tile, a_red, b_red);
-            __syncthreads();  // everyone has read the tiles before the next step overwrites them
-        }
-        segment = next;
-    }
+    if (copied(a, b))
+        matmul_segments_path<In, SumRows, true, true>(acc, smem, row0, col0, rows, cols, segments, length, segment, a, b,
+                                                      row_partial);
+    else
+        matmul_segments_path<In, SumRows, false, false>(acc, smem, row0, col0, rows, cols, segments, length, segment, a,
+                                                        b, row_partial);
 }
 
 // The sums over the reduction of A's rows, from matmul's row_partial: row_sum[i] for the 64 rows,
