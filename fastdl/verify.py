@@ -347,14 +347,19 @@ def _check_max_pool2d(backend, dtype, device):
 def conv2d_cases(device: str) -> list[tuple]:
     """(N, C, H, W, K, R, S, stride, padding, dilation, groups, activation, note): small odd shapes
     everywhere (the 7x7/2 stem's few-channel path, a 3x3/2 through grad_input's stride phases, a 1x1/2
-    downsample); ResNet-50's layers at batch 8 on CUDA. (Groups and dilation: tests/test_conv2d.py.)"""
+    downsample, depthwise (the direct kernels: groups == C, a channel multiplier of 2 with dilation));
+    ResNet-50's layers and a MobileNetV2 depthwise one at batch 8 on CUDA. (Other groups and
+    dilations: tests/test_conv2d.py.)"""
     cases = [(1, 3, 9, 8, 8, 7, 7, 2, 3, 1, 1, "relu", "stem C=3"),
              (1, 18, 7, 6, 12, 3, 3, 2, 1, 1, 1, "gelu", "3x3/2"),
-             (1, 24, 6, 5, 16, 1, 1, 2, 0, 1, 1, None, "1x1/2 downsample")]
+             (1, 24, 6, 5, 16, 1, 1, 2, 0, 1, 1, None, "1x1/2 downsample"),
+             (2, 19, 7, 6, 19, 3, 3, 2, 1, 1, 19, "relu", "depthwise 3x3/2"),
+             (1, 6, 5, 7, 12, 3, 3, 1, 2, 2, 6, "silu", "depthwise x2 dilated")]
     if device == "cuda":
         cases += [(8, 3, 224, 224, 64, 7, 7, 2, 3, 1, 1, "relu", "ResNet-50 stem"),
                   (8, 128, 56, 56, 128, 3, 3, 2, 1, 1, 1, "relu", "ResNet-50 3x3/2"),
-                  (8, 256, 56, 56, 64, 1, 1, 1, 0, 1, 1, None, "ResNet-50 1x1")]
+                  (8, 256, 56, 56, 64, 1, 1, 1, 0, 1, 1, None, "ResNet-50 1x1"),
+                  (8, 144, 56, 56, 144, 3, 3, 2, 1, 1, 144, "relu", "MobileNetV2 depthwise 3x3/2")]
     return cases
 
 

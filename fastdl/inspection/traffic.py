@@ -490,6 +490,28 @@ def conv2d_case(N: int, C: int, H: int, W: int, K: int, dtype: torch.dtype, chan
                 lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1)))
 
 
+def depthwise_conv2d_case(N: int, C: int, H: int, W: int, dtype: torch.dtype, stride: int = 1) -> Case:
+    """A MobileNet depthwise 3x3 (groups == C, padding 1) with its relu fused, channels_last. torch
+    eager: convolution, relu (threshold_backward, convolution_backward); fastdl: the direct depthwise
+    kernels (kernels/triton/conv2d_depthwise.py), a 1-byte relu mask, the weight copied tap-major."""
+    import fastdl
+
+    P, Q = (H - 1) // stride + 1, (W - 1) // stride + 1
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        fmt = torch.channels_last
+        x = _randn(N, C, H, W, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+        w = _randn(C, 1, 3, 3, dtype=dtype, generator=g, scale=1 / 3, requires_grad=False).to(memory_format=fmt)
+        b = _randn(C, dtype=dtype, generator=g)
+        grad = _randn(N, C, P, Q, dtype=dtype, generator=g, requires_grad=False).to(memory_format=fmt)
+        return (x.requires_grad_(), w.requires_grad_(), b), grad
+
+    return Case("depthwise conv2d+relu", f"{N}x{C}x{H}x{W} 3x3/{stride} pad 1 channels_last", dtype, make,
+                lambda x, w, b: fastdl.functional.conv2d(x, w, b, stride, 1, 1, C, activation="relu"),
+                lambda x, w, b: F.relu(F.conv2d(x, w, b, stride, 1, 1, C)))
+
+
 def batch_norm_case(N: int, C: int, H: int, W: int, dtype: torch.dtype, channels_last: bool = True,
                     fused: bool = False) -> Case:
     """Training batch norm (batch statistics, affine, no running statistics), alone or as ResNet's
@@ -606,6 +628,8 @@ def default_cases() -> list[Case]:
               for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False))]
     cases += [conv2d_case(2, 64, 16, 16, 64, dtype, channels_last)
               for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, False))]
+    cases += [depthwise_conv2d_case(2, 96, 16, 16, dtype, stride)
+              for dtype, stride in ((torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float32, 1))]
     cases += [batch_norm_case(32, 64, 28, 28, dtype, channels_last, fused)
               for fused in (False, True) for dtype in (torch.bfloat16, torch.float32) for channels_last in (True, False)]
     cases += [dropout_case(256, 1024, dtype) for dtype in (torch.float32, torch.bfloat16)]

@@ -152,7 +152,7 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
         if grad_input.numel() and C_g == 1:
             _depthwise_bwd_input(grad_out, s, w, grad_input, stride, padding, dilation, code, negative_slope)
         elif grad_input.numel():
-            w_k = _k_major_weight(weight, precision)
+            w_k = _k_major_weight(w, precision)
             wrap_triton(_k._conv2d_bwd_input)[grid](
                 grad_out, s, w_k, grad_input, *geometry,
                 *grad_out.stride(), *s.stride(), *w_k.stride(),
@@ -175,14 +175,14 @@ def conv2d_bwd(grad_out, input, weight, bias, saved, out, stride, padding, dilat
     return grad_input, grad_weight, grad_bias
 
 
-def _k_major_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
-    """grad_input's B operand, the weight (K, C_g, R, S) reduced over K: channels_last it is contiguous
-    along C_g, which on Hopper costs 4-byte TF32 copies (see _launch.wants_k_major); there, a copy
-    contiguous along K (K * C_g * R * S elements, small next to the activations), else the weight in
-    channels_last (_nhwc)."""
-    if not _launch.wants_k_major(weight, precision) or weight.numel() == 0:
-        return _nhwc(weight)
-    return weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+def _k_major_weight(w: torch.Tensor, precision: str) -> torch.Tensor:
+    """grad_input's B operand, the weight (K, C_g, R, S) reduced over K: channels_last (w, as _nhwc
+    made it) it is contiguous along C_g, which on Hopper costs 4-byte TF32 copies (see
+    _launch.wants_k_major); there, a copy contiguous along K (K * C_g * R * S elements, small next to
+    the activations), else w itself."""
+    if not _launch.wants_k_major(w, precision) or w.numel() == 0:
+        return w
+    return w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def _grad_weight(grad_out, s, input, grad_weight, grad_bias, geometry, groups, code, negative_slope, acc_dtype,
