@@ -354,7 +354,7 @@ def conv2d_cases(device: str) -> list[tuple]:
              (1, 18, 7, 6, 12, 3, 3, 2, 1, 1, 1, "gelu", "3x3/2"),
              (1, 24, 6, 5, 16, 1, 1, 2, 0, 1, 1, None, "1x1/2 downsample"),
              (2, 19, 7, 6, 19, 3, 3, 2, 1, 1, 19, "relu", "depthwise 3x3/2"),
-             (1, 6, 5, 7, 12, 3, 3, 1, 2, 2, 6, "silu", "depthwise x2 dilated")]
+             (1, 6, 5, 7, 12, 3, 3, 2, 2, 2, 6, "silu", "depthwise x2 dilated")]
     if device == "cuda":
         cases += [(8, 3, 224, 224, 64, 7, 7, 2, 3, 1, 1, "relu", "ResNet-50 stem"),
                   (8, 128, 56, 56, 128, 3, 3, 2, 1, 1, 1, "relu", "ResNet-50 3x3/2"),
