@@ -149,8 +149,9 @@ def test_linear_relu_forward_backward_moves_less_than_torch():
 # Issue 9's targets for ResNet's block tail relu(bn(x) + residual), training: fastdl's bytes at most
 # these fractions of torch eager's (batch_norm, add, relu and their backwards).
 BATCH_NORM_TAIL_TARGETS = {"forward": 0.65, "forward+backward": 0.9}
-BATCH_NORM_TAIL_CASES = [(dtype, channels_last) for dtype in (torch.bfloat16, torch.float32)
-                         for channels_last in (True, False)]
+# bf16 channels_last (the tightest margin: forward 0.6497 against 0.65) and float32 NCHW measured here;
+# all four (dtype, layout) pairs at the issue's shape are checked in the committed JSON below.
+BATCH_NORM_TAIL_CASES = [(torch.bfloat16, True), (torch.float32, False)]
 
 
 @pytest.fixture(scope="module")
